@@ -1,0 +1,27 @@
+# Everything a fresh machine needs, from Python 3.11 and make alone.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Quiet TensorFlow's start-up chatter; seqio uses TF only for the input pipeline.
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: quickstart test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart.gin
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,139 @@
+"""seqio task/mixture -> per-process batches of decoder-only model features.
+
+Feature vocabulary (seqio's DecoderFeatureConverter, one row per packed sequence):
+
+    decoder_target_tokens   the tokens to predict: inputs then targets, packed
+    decoder_input_tokens    the same shifted right by one (0 starts every segment)
+    decoder_loss_weights    1 on target tokens only: the inputs act as a prefix
+    decoder_segment_ids     which packed example a position belongs to (0 = padding)
+    decoder_positions       position within its example
+    decoder_causal_attention  1 on the prefix (+1 position), for prefix-LM models
+
+Unpacked datasets get segment ids and positions filled in, so every batch has the same keys.
+
+Each process reads its own shard (`seqio.ShardInfo`). The stream is deterministic for a
+seed, so its position (the number of batches handed out) is the whole of its state: a
+resumed run rebuilds the stream and skips what was consumed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import difflib
+import weakref
+from collections.abc import Iterator, Mapping
+
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from flanjax.errors import FlanjaxError
+
+
+class TaskNotFoundError(FlanjaxError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
+    """The registered task or mixture `name`; an unknown name gets the closest matches."""
+    provider = seqio.get_mixture_or_task(name) if _registered(name) else None
+    if provider is None:
+        known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise TaskNotFoundError(
+            f"no seqio task or mixture named {name!r}.{hint} Tasks register when their module "
+            "is imported: import it in your gin file (e.g. `import tasks.quickstart`); "
+            "`flanjax tasks list` shows what is registered."
+        )
+    return provider
+
+
+def _registered(name: str) -> bool:
+    return name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names()
+
+
+def decoder_converter(pack: bool) -> seqio.FeatureConverter:
+    return seqio.DecoderFeatureConverter(pack=pack, loss_on_targets_only=True)
+
+
+def _fill_unpacked(features: dict) -> dict:
+    if "decoder_segment_ids" not in features:
+        length = tf.shape(features["decoder_target_tokens"])[-1]
+        features["decoder_segment_ids"] = tf.cast(features["decoder_target_tokens"] != 0, tf.int32)
+        features["decoder_positions"] = tf.broadcast_to(
+            tf.range(length, dtype=tf.int32), tf.shape(features["decoder_target_tokens"])
+        )
+    return features
+
+
+@dataclasses.dataclass(eq=False)
+class SeqioBatches:
+    """An endless (or `num_epochs`) iterator of this process's share of each global batch."""
+
+    mixture_or_task_name: str
+    task_feature_lengths: Mapping[str, int]
+    batch_size: int  # rows per process
+    split: str = "train"
+    seed: int = 0
+    shuffle: bool = True
+    pack: bool = True
+    num_epochs: int | None = None  # None: repeat forever
+    shard_index: int | None = None  # default: this JAX process
+    num_shards: int | None = None
+
+    def __post_init__(self):
+        get_task_or_mixture(self.mixture_or_task_name)  # fail early with suggestions
+        self.position = 0
+        self._iterator: Iterator | None = None
+        _OPEN.add(self)
+
+    def dataset(self) -> tf.data.Dataset:
+        shard = seqio.ShardInfo(
+            index=jax.process_index() if self.shard_index is None else self.shard_index,
+            num_shards=jax.process_count() if self.num_shards is None else self.num_shards,
+        )
+        ds = seqio.get_dataset(
+            self.mixture_or_task_name,
+            task_feature_lengths=dict(self.task_feature_lengths),
+            feature_converter=decoder_converter(self.pack),
+            dataset_split=self.split,
+            shuffle=self.shuffle,
+            num_epochs=self.num_epochs,
+            shard_info=shard,
+            seed=self.seed,
+            verbose=False,
+        )
+        ds = ds.map(_fill_unpacked, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(self.batch_size, drop_remainder=True)
+        return ds.skip(self.position).prefetch(tf.data.AUTOTUNE)
+
+    def __iter__(self) -> SeqioBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = self.dataset().as_numpy_iterator()
+        batch = next(self._iterator)
+        self.position += 1
+        return batch
+
+    # Checkpointed beside the model (see flanjax.train.checkpoint).
+    def get_state(self) -> dict:
+        return {"source": self.mixture_or_task_name, "split": self.split, "seed": self.seed, "position": self.position}
+
+    def set_state(self, state: Mapping) -> None:
+        self.position = int(state["position"])
+        self._iterator = None
+
+    def close(self) -> None:
+        self._iterator = None
+
+
+# A tf.data prefetch thread that is still calling into Python (the tokenizer runs in a
+# tf.numpy_function) when the interpreter finalizes deadlocks the exit: stop them first.
+_OPEN: weakref.WeakSet[SeqioBatches] = weakref.WeakSet()
+atexit.register(lambda: [b.close() for b in list(_OPEN)])

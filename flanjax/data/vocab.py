@@ -1,0 +1,99 @@
+"""A seqio `Vocabulary` backed by a Hugging Face tokenizer in a local directory.
+
+seqio reserves id 0 for padding (its feature converters pad and mask with 0), so the
+tokenizer's id 0 must never be produced for real text: true of tokenizers whose id 0 is a
+pad or unknown token (T5, LLaMA, the tokenizers flanjax trains).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+import transformers
+
+from flanjax.errors import FlanjaxError
+
+
+class TokenizerNotFoundError(FlanjaxError, FileNotFoundError):
+    pass
+
+
+class HFVocabulary(seqio.Vocabulary):
+    """Wraps `transformers.AutoTokenizer.from_pretrained(path)`, loaded on first use.
+
+    `path` is a directory holding tokenizer files, or a zero-argument callable returning one
+    (for tokenizers built on demand, such as the quickstart's).
+    """
+
+    def __init__(self, path: str | os.PathLike | Callable[[], str], extra_ids: int = 0):
+        self._path = path
+        super().__init__(extra_ids=extra_ids)
+
+    @property
+    def path(self) -> str:
+        return str(self._path() if callable(self._path) else self._path)
+
+    @functools.cached_property
+    def tokenizer(self) -> transformers.PreTrainedTokenizerBase:
+        path = self.path
+        if not os.path.isdir(path):
+            raise TokenizerNotFoundError(
+                f"tokenizer directory {path!r} does not exist. Point the vocabulary at a local "
+                "directory containing tokenizer.json / tokenizer_config.json (for a Hub model, "
+                "download it first with `hf download MODEL --local-dir DIR`)."
+            )
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer in {path!r} defines no EOS token; seqio needs one.")
+        return tok
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def unk_id(self) -> int | None:
+        return self.tokenizer.unk_token_id
+
+    @property
+    def _base_vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def _encode(self, s: str) -> Sequence[int]:
+        return self.tokenizer.encode(s, add_special_tokens=False)
+
+    def _decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
+        def encode(x: np.ndarray) -> np.ndarray:
+            flat = [t.decode("utf-8") for t in np.ravel(x)]
+            ids = self.tokenizer(flat, add_special_tokens=False)["input_ids"]
+            if np.ndim(x) == 0:
+                return np.asarray(ids[0], np.int32)
+            return tf.ragged.constant(ids, dtype=tf.int32).to_tensor().numpy()
+
+        ids = tf.numpy_function(encode, [s], tf.int32, stateful=False)
+        ids.set_shape(s.shape.concatenate([None]))
+        return ids
+
+    def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+        def decode(x: np.ndarray) -> np.ndarray:
+            if x.ndim == 1:
+                return np.asarray(self._decode(x).encode("utf-8"), dtype=object)
+            return np.asarray([self._decode(r).encode("utf-8") for r in x], dtype=object)
+
+        out = tf.numpy_function(decode, [ids], tf.string, stateful=False)
+        out.set_shape(ids.shape[:-1])
+        return out
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, HFVocabulary) and self.path == other.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)

@@ -1,0 +1,373 @@
+"""A decoder-only Transformer language model in Flax NNX.
+
+One `TransformerConfig` covers the LLaMA family (RMSNorm, RoPE, SwiGLU, grouped-query
+attention; Mistral and Qwen2 are switches on it) and the GPT-2/GPT-Neo family (LayerNorm,
+learned positions, GELU, biases). Every parameter names its logical axes and the main
+activations are constrained by logical axes too; `flanjax.sharding` maps both to the mesh.
+
+Shapes use the letters of the einsum strings: b batch, t query length, s key length,
+d model width, n query heads, k key/value heads, h head width, f feed-forward width,
+v vocabulary, l layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flanjax.sharding import constrain
+
+Axes = tuple[str | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    d_ff: int
+    # Fewer key/value heads than query heads is grouped-query attention; None means as many.
+    num_kv_heads: int | None = None
+    # None means d_model // num_heads.
+    head_dim: int | None = None
+    # Longest sequence: size of the learned position table and the default KV-cache length.
+    max_len: int = 2048
+
+    # Family switches. LLaMA: rms / rope / swiglu; GPT-2: layer / learned / gelu / use_bias.
+    norm: Literal["rms", "layer"] = "rms"
+    norm_eps: float = 1e-6
+    position: Literal["rope", "learned"] = "rope"
+    rope_theta: float = 10_000.0
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    use_bias: bool = False  # biases on every projection (GPT-2, GPT-Neo)
+    qkv_bias: bool = False  # biases on the q, k and v projections only (Qwen2)
+    tie_embeddings: bool = False
+
+    # Regularisation. Residual dropout grows linearly with depth from `residual_dropout` at
+    # the first layer to `residual_dropout_top` at the last (LIMA: 0.0 -> 0.3).
+    embed_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    residual_dropout: float = 0.0
+    residual_dropout_top: float | None = None
+
+    # Numerics: parameters stay float32; `dtype` is the compute dtype (e.g. "bfloat16").
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.d_model % self.num_heads and self.head_dim is None:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                "set head_dim explicitly."
+            )
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.kv_heads}."
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    def residual_dropout_rates(self) -> tuple[float, ...]:
+        """One rate per layer, linear from bottom to top."""
+        top = self.residual_dropout if self.residual_dropout_top is None else self.residual_dropout_top
+        if self.num_layers == 1:
+            return (self.residual_dropout,)
+        step = (top - self.residual_dropout) / (self.num_layers - 1)
+        return tuple(self.residual_dropout + i * step for i in range(self.num_layers))
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        d, f, n, k, h = self.d_model, self.d_ff, self.num_heads, self.kv_heads, self.head_size
+        attn = d * n * h * 2 + d * k * h * 2
+        mlp = d * f * (3 if self.mlp == "swiglu" else 2)
+        per_layer = attn + mlp + 2 * d
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        if self.position == "learned":
+            embed += self.max_len * d
+        return self.num_layers * per_layer + d + (embed if include_embeddings else 0)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, written at each token's position.
+
+    k, v: [l, b, s, k, h]; segment_ids: [b, s], 0 where nothing (or padding) was written.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+
+    @classmethod
+    def empty(cls, config: TransformerConfig, batch: int, length: int | None = None) -> KVCache:
+        length = length or config.max_len
+        shape = (config.num_layers, batch, length, config.kv_heads, config.head_size)
+        dtype = jnp.dtype(config.dtype)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), jnp.int32))
+
+
+# Parameters record their logical axes but are not sharded eagerly: models can be built
+# without a mesh (tests, conversion), and `Partitioner.create` places them through jit's
+# output shardings.
+def _partitioned(init, axes: Axes):
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def _init(config: TransformerConfig, axes: Axes, std: float | None = None):
+    return _partitioned(nnx.initializers.normal(std or config.init_std), axes)
+
+
+def _zeros(axes: Axes):
+    return _partitioned(nnx.initializers.zeros_init(), axes)
+
+
+def _norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
+    common = dict(
+        epsilon=config.norm_eps,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        scale_init=_partitioned(nnx.initializers.ones_init(), ("norm",)),
+        rngs=rngs,
+    )
+    if config.norm == "rms":
+        return nnx.RMSNorm(config.d_model, **common)
+    return nnx.LayerNorm(config.d_model, bias_init=_zeros(("norm",)), **common)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half layout (LLaMA). x: [b, t, n, h]; positions: [b, t]."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [h/2]
+    angles = positions[..., None].astype(jnp.float32) * freqs  # [b, t, h/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_mask(
+    q_segments: jax.Array, q_positions: jax.Array, k_segments: jax.Array, k_positions: jax.Array
+) -> jax.Array:
+    """[b, t, s] boolean: same packed segment and not in the future."""
+    same = q_segments[:, :, None] == k_segments[:, None, :]
+    causal = k_positions[:, None, :] <= q_positions[:, :, None]
+    return same & causal
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, n, k, h = config.d_model, config.num_heads, config.kv_heads, config.head_size
+        dtype, pdtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+        qkv_bias = config.use_bias or config.qkv_bias
+
+        def proj(spec, shape, axes, bias_shape, bias_axes, std=None):
+            return nnx.Einsum(
+                spec,
+                shape,
+                bias_shape if bias_shape else None,
+                kernel_init=_init(config, axes, std),
+                bias_init=_zeros(bias_axes),
+                dtype=dtype,
+                param_dtype=pdtype,
+                rngs=rngs,
+            )
+
+        self.q = proj("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"), qkv_bias and (n, h), ("heads", "head_dim"))
+        self.k = proj("bsd,dkh->bskh", (d, k, h), ("embed", "kv_heads", "head_dim"), qkv_bias and (k, h), ("kv_heads", "head_dim"))
+        self.v = proj("bsd,dkh->bskh", (d, k, h), ("embed", "kv_heads", "head_dim"), qkv_bias and (k, h), ("kv_heads", "head_dim"))
+        out_std = config.init_std / (2 * config.num_layers) ** 0.5  # GPT-2's residual scaling
+        self.o = proj("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), config.use_bias and (d,), ("embed",), out_std)
+        self.dropout = nnx.Dropout(config.attention_dropout)
+
+    def __call__(
+        self,
+        x: jax.Array,  # [b, t, d]
+        positions: jax.Array,  # [b, t]
+        segment_ids: jax.Array,  # [b, t]
+        cache: tuple[jax.Array, jax.Array, jax.Array] | None,  # this layer's k, v [b, s, k, h] and segments [b, s]
+        rngs: nnx.Rngs | None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        cfg = self.config
+        q = constrain(self.q(x), ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+        k = constrain(self.k(x), ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
+        v = constrain(self.v(x), ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
+        if cfg.position == "rope":
+            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+
+        if cache is None:
+            k_segments, k_positions, new_kv = segment_ids, positions, None
+        else:
+            cache_k, cache_v, k_segments = cache
+            rows = jnp.arange(x.shape[0])[:, None]
+            # Slot = position: every sequence writes at its own offset (prompts may differ in length).
+            k = cache_k.at[rows, positions].set(k.astype(cache_k.dtype))
+            v = cache_v.at[rows, positions].set(v.astype(cache_v.dtype))
+            k_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k_segments.shape)
+            new_kv = (k, v)
+
+        mask = attention_mask(segment_ids, positions, k_segments, k_positions)  # [b, t, s]
+        if cfg.attention_dropout and rngs is not None:
+            out = self._attend_with_dropout(q, k, v, mask, rngs)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])  # [b, t, n, h]
+        out = constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+        return self.o(out), new_kv
+
+    def _attend_with_dropout(self, q, k, v, mask, rngs):
+        b, t, n, h = q.shape
+        groups = n // k.shape[2]
+        q = q.reshape(b, t, k.shape[2], groups, h)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(h)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = self.dropout(jax.nn.softmax(scores, axis=-1), rngs=rngs).astype(v.dtype)
+        return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, f = config.d_model, config.d_ff
+        out_std = config.init_std / (2 * config.num_layers) ** 0.5
+
+        def linear(n_in, n_out, axes, bias_axes, std=None):
+            return nnx.Linear(
+                n_in,
+                n_out,
+                use_bias=config.use_bias,
+                kernel_init=_init(config, axes, std),
+                bias_init=_zeros(bias_axes),
+                dtype=jnp.dtype(config.dtype),
+                param_dtype=jnp.dtype(config.param_dtype),
+                rngs=rngs,
+            )
+
+        self.up = linear(d, f, ("embed", "mlp"), ("mlp",))
+        self.gate = linear(d, f, ("embed", "mlp"), ("mlp",)) if config.mlp == "swiglu" else None
+        self.down = linear(f, d, ("mlp", "embed"), ("embed",), out_std)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.gate is not None:
+            hidden = jax.nn.silu(self.gate(x)) * self.up(x)
+        else:
+            hidden = jax.nn.gelu(self.up(x), approximate=True)  # GPT-2's "gelu_new"
+        hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+        return self.down(hidden)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
+
+    def __init__(self, config: TransformerConfig, residual_dropout: float, *, rngs: nnx.Rngs):
+        self.attn_norm = _norm(config, rngs)
+        self.attn = Attention(config, rngs=rngs)
+        self.mlp_norm = _norm(config, rngs)
+        self.mlp = MLP(config, rngs=rngs)
+        self.dropout = nnx.Dropout(residual_dropout)
+
+    def __call__(self, x, positions, segment_ids, cache, rngs):
+        deterministic = rngs is None
+        h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, cache, rngs)
+        x = x + self.dropout(h, deterministic=deterministic, rngs=rngs)
+        x = x + self.dropout(self.mlp(self.mlp_norm(x)), deterministic=deterministic, rngs=rngs)
+        return constrain(x, ("activation_batch", "activation_length", "activation_embed")), new_kv
+
+
+class Transformer(nnx.Module):
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype, pdtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+        self.embed = nnx.Embed(
+            config.vocab_size,
+            config.d_model,
+            embedding_init=_init(config, ("vocab", "embed")),
+            dtype=dtype,
+            param_dtype=pdtype,
+            rngs=rngs,
+        )
+        self.positions = (
+            nnx.Embed(
+                config.max_len,
+                config.d_model,
+                embedding_init=_init(config, ("positions", "embed"), 0.01),
+                dtype=dtype,
+                param_dtype=pdtype,
+                rngs=rngs,
+            )
+            if config.position == "learned"
+            else None
+        )
+        self.embed_dropout = nnx.Dropout(config.embed_dropout)
+        self.layers = nnx.List(
+            [Block(config, rate, rngs=rngs) for rate in config.residual_dropout_rates()]
+        )
+        self.final_norm = _norm(config, rngs)
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else nnx.Linear(
+                config.d_model,
+                config.vocab_size,
+                use_bias=False,
+                kernel_init=_init(config, ("embed", "vocab")),
+                dtype=dtype,
+                param_dtype=pdtype,
+                rngs=rngs,
+            )
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # [b, t] int
+        positions: jax.Array | None = None,  # [b, t]; default 0..t-1
+        segment_ids: jax.Array | None = None,  # [b, t]; packed example ids, 0 = padding
+        *,
+        cache: KVCache | None = None,
+        rngs: nnx.Rngs | None = None,  # dropout randomness; None = deterministic
+        return_hidden: bool = False,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Returns (logits [b, t, v] or final hidden states [b, t, d], updated cache or None).
+
+        Without a cache, attention is causal within each packed segment. With a cache, the new
+        tokens' keys and values are written at `positions` and attend to everything written
+        at earlier positions of the same segment: prefill a prompt, then feed one token at a time.
+        """
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+
+        x = self.embed(tokens)
+        if self.positions is not None:
+            x = x + self.positions(positions)
+        x = self.embed_dropout(x, deterministic=rngs is None, rngs=rngs)
+        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+        new_k, new_v = [], []
+        cache_segments = None
+        if cache is not None:
+            rows = jnp.arange(b)[:, None]
+            cache_segments = cache.segment_ids.at[rows, positions].set(segment_ids)
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache_segments)
+            x, kv = layer(x, positions, segment_ids, layer_cache, rngs)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        x = self.final_norm(x)
+        new_cache = None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v), cache_segments)
+        if return_hidden:
+            return x, new_cache
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return logits, new_cache

@@ -1,0 +1,239 @@
+"""One device mesh and one table of logical-axis rules for every model in flanjax.
+
+Models name *logical* axes on their parameters ("embed", "mlp", ...) and activations
+("activation_batch", ...). `LOGICAL_AXIS_RULES` maps them onto the physical mesh axes
+`data`, `fsdp` and `tensor`. Changing the parallelism (pure data, FSDP, tensor, 2-D) is a
+change of mesh sizes and rules in gin, never a change to a model.
+
+`Partitioner` owns the mesh and the rules: it creates states already sharded (inside jit,
+with output shardings), assembles global batches from per-process data and checks at
+start-up that every parameter's axes are known and divide the mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from flanjax.errors import FlanjaxError
+from jax.sharding import NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_MESH_AXES = ("data", "fsdp")
+
+LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+# Grouped as MaxText's base.yml: activations carry an `activation_` prefix so they can be
+# laid out independently of the weights they meet.
+LOGICAL_AXIS_RULES: LogicalRules = (
+    # Activations: batch over every data-parallel axis, model dims over `tensor`.
+    ("activation_batch", BATCH_MESH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("activation_layers", None),
+    # Weights: FSDP splits the embedding dimension, tensor parallelism the wide ones.
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("positions", None),
+    ("norm", None),
+)
+
+
+class MeshError(FlanjaxError, ValueError):
+    """The requested mesh does not fit the devices, or a parameter does not fit the mesh."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the `data`, `fsdp` and `tensor` mesh axes; one of them may be -1 ("the rest")."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: LogicalRules = LOGICAL_AXIS_RULES
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = (self.data, self.fsdp, self.tensor)
+        described = " x ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
+        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise MeshError(
+                f"mesh {described}: each axis size must be positive, and at most one may be -1 "
+                "(meaning 'the remaining devices')."
+            )
+        known = math.prod(s for s in sizes if s != -1)
+        if num_devices % known:
+            raise MeshError(
+                f"mesh {described} does not divide the {num_devices} available devices: the "
+                f"product of the fixed axis sizes ({known}) must divide {num_devices}. Set e.g. "
+                f"--gin.MeshConfig.data=-1 to let one axis take the rest."
+            )
+        resolved = tuple(num_devices // known if s == -1 else s for s in sizes)
+        if math.prod(resolved) != num_devices:
+            raise MeshError(
+                f"mesh {described} uses {math.prod(resolved)} devices but {num_devices} are "
+                "available; set one axis to -1 or make the product equal the device count."
+            )
+        return resolved  # type: ignore[return-value]
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = config.resolve(len(devices))
+    # Auto axes: GSPMD propagates shardings through contractions (Flax 0.12 + jax 0.10).
+    return jax.make_mesh(
+        shape,
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+def logical_to_mesh(axes: Sequence[str | None], rules: LogicalRules) -> PartitionSpec:
+    table = dict(rules)
+    unknown = [a for a in axes if a is not None and a not in table]
+    if unknown:
+        raise MeshError(
+            f"logical axes {unknown} have no rule in the logical-axis rules table; add them to "
+            "flanjax.sharding.LOGICAL_AXIS_RULES (or your MeshConfig.rules)."
+        )
+    return PartitionSpec(*(table[a] if a is not None else None for a in axes))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Ask GSPMD to lay out activation `x` by logical `axes`; a no-op outside a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    from flax.core import spmd  # the active rules table, set by Partitioner.activate()
+
+    spec = logical_to_mesh(axes, spmd.get_logical_axis_rules())
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+class Partitioner:
+    """Owns the mesh and the rules: shardings for states and batches, sharded creation."""
+
+    def __init__(self, mesh: jax.sharding.Mesh, rules: LogicalRules = LOGICAL_AXIS_RULES):
+        self.mesh = mesh
+        self.rules = rules
+
+    @classmethod
+    def from_config(cls, config: MeshConfig) -> Partitioner:
+        return cls(make_mesh(config), config.rules)
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator[None]:
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+            yield
+
+    @property
+    def data_parallel_size(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in BATCH_MESH_AXES)
+
+    # --- states -------------------------------------------------------------------------
+
+    def state_shardings(self, abstract_state: Any) -> Any:
+        """NamedShardings for an (abstract) nnx.State, from each variable's logical axes."""
+        self.check_parameters(abstract_state)
+        with self.activate():
+            return nnx.get_named_sharding(abstract_state, self.mesh)
+
+    def abstract_state(self, init_fn: Callable[[], Any]) -> tuple[nnx.GraphDef, Any]:
+        """Graph and state shapes of `init_fn()`, each leaf carrying its NamedSharding; nothing
+        is allocated."""
+        with self.activate():
+            graphdef, abstract_state = nnx.split(nnx.eval_shape(init_fn))
+            shardings = self.state_shardings(abstract_state)
+        return graphdef, jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+        )
+
+    def create(self, init_fn: Callable[[], Any], abstract_state: Any) -> Any:
+        """Builds `init_fn()`'s state directly in its shardings: no unsharded copy anywhere."""
+        shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+        with self.activate():
+            return jax.jit(lambda: nnx.state(init_fn()), out_shardings=shardings)()
+
+    def check_parameters(self, abstract_state: Any) -> None:
+        """Fails at start-up, naming the parameter, if an axis is unnamed, unknown or uneven."""
+        table = dict(self.rules)
+        for path, var in nnx.to_flat_state(abstract_state):
+            name = "/".join(map(str, path))
+            axes = var.get_metadata().get("out_sharding")
+            if not axes:
+                if var.shape:  # scalars (step counters) are replicated by design
+                    raise MeshError(
+                        f"parameter {name} {var.shape} has no logical axis names; create it with "
+                        "nnx.with_partitioning(init, (axis, ...)) so the rules can place it."
+                    )
+                continue
+            if len(axes) != len(var.shape):
+                raise MeshError(f"parameter {name} has shape {var.shape} but axis names {axes}.")
+            spec = logical_to_mesh(axes, tuple(table.items()))
+            for dim, mesh_axes in zip(var.shape, spec):
+                if mesh_axes is None:
+                    continue
+                mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+                ways = math.prod(self.mesh.shape[a] for a in mesh_axes)
+                if dim % ways:
+                    raise MeshError(
+                        f"parameter {name} {var.shape} (axes {axes}) cannot be split {ways} ways "
+                        f"over mesh axes {mesh_axes}: {dim} is not divisible by {ways}. Choose mesh "
+                        "sizes that divide the model dimensions."
+                    )
+
+    # --- batches ------------------------------------------------------------------------
+
+    def batch_sharding(self, ndim: int) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec(BATCH_MESH_AXES, *([None] * (ndim - 1))))
+
+    def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Global arrays from this process's rows; rows of all processes concatenate in order."""
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding(np.ndim(v)), np.asarray(v))
+            for k, v in local_batch.items()
+        }
+
+    def per_process_batch_size(self, global_batch_size: int) -> int:
+        if global_batch_size % self.data_parallel_size:
+            raise MeshError(
+                f"global batch size {global_batch_size} is not divisible by the "
+                f"{self.data_parallel_size} data-parallel shards (mesh data x fsdp); pick a "
+                "multiple."
+            )
+        return global_batch_size // jax.process_count()
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Joins a multi-process run (`jax.distributed`); call before any other JAX work.
+
+    With no arguments JAX detects the cluster (Cloud TPU, SLURM, ...). On CPU the processes
+    talk through gloo collectives.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+

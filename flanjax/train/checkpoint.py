@@ -1,0 +1,139 @@
+"""Orbax checkpoints of (model, optimizer) state plus the data stream's position.
+
+Layout: `<model_dir>/checkpoints/<step>/{state,data}`. Orbax writes each step into a
+temporary directory and renames it only once complete, so a run killed in the middle of a
+save leaves no step that a later run could mistake for a good one; the leftovers are
+removed when the next run opens the directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from flanjax.errors import FlanjaxError
+
+
+class CheckpointMismatchError(FlanjaxError, ValueError):
+    """A checkpoint whose parameters do not fit the model being trained."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep: int | None = 3  # None keeps all
+    async_save: bool = True
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): v for path, v in leaves}
+
+
+class Checkpointer:
+    def __init__(self, model_dir: str, config: CheckpointConfig = CheckpointConfig()):
+        self.directory = os.path.abspath(os.path.join(model_dir, "checkpoints"))
+        self.config = config
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=config.keep,
+                enable_async_checkpointing=config.async_save,
+                cleanup_tmp_directories=True,
+                create=True,
+            ),
+            item_names=("state", "data"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: nnx.State, data_state: Mapping | None = None) -> None:
+        """Starts an (asynchronous) save; call `wait()` before relying on it."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+                data=ocp.args.JsonSave(dict(data_state or {})),
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int, abstract_state: nnx.State) -> tuple[nnx.State, dict]:
+        """Restores straight into the shardings carried by `abstract_state`'s leaves."""
+        target = nnx.to_pure_dict(abstract_state)
+        self.check_compatible(step, target)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
+        state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill in
+        nnx.replace_by_pure_dict(state, restored["state"])
+        return state, dict(restored["data"] or {})
+
+    def check_compatible(self, step: int, target: Any) -> None:
+        """Names the first parameter whose shape (or presence) differs from the model's."""
+        saved = _flat(self.manager.item_metadata(step)["state"])
+        wanted = _flat(target)
+        where = os.path.join(self.directory, str(step))
+        for name, leaf in wanted.items():
+            if name not in saved:
+                raise CheckpointMismatchError(
+                    f"checkpoint {where} has no parameter {name}: it was written by a different "
+                    "model. Use a fresh model_dir, or the model config the checkpoint was trained with."
+                )
+            shape = tuple(getattr(saved[name], "shape", ()) or ())
+            if shape != tuple(leaf.shape):
+                raise CheckpointMismatchError(
+                    f"checkpoint {where}: parameter {name} has shape {shape} but the model "
+                    f"expects {tuple(leaf.shape)}. The checkpoint was written by a model of "
+                    "another shape; use a fresh model_dir or the matching model gin file."
+                )
+        extra = sorted(set(saved) - set(wanted))
+        if extra:
+            raise CheckpointMismatchError(
+                f"checkpoint {where} has parameters the model lacks, e.g. {extra[0]}: it was "
+                "written by a different model."
+            )
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+class PreemptionWatch:
+    """Turns SIGTERM (a pre-empted TPU VM, a cluster scheduler) into a flag the loop polls.
+
+    With several processes JAX's preemption service (started by `jax.distributed`) catches
+    the signal and agrees on a step at which every process stops together.
+    """
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self._flag.is_set()
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.reached_preemption_sync_point(step)
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

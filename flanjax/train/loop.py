@@ -1,0 +1,229 @@
+"""The one training loop: SFT, reward modelling, PPO and E2WM all run through it.
+
+It takes a compiled step `(state, batch) -> (state, metrics)` and a batch source, and owns
+what every run needs: resuming from the latest checkpoint (model, optimizer and data
+position), periodic metrics (loss, token accuracy, learning rate, gradient norm, tokens/s,
+MFU) to metrics.jsonl + TensorBoard + the console, periodic evaluation hooks, asynchronous
+checkpoints, a clean stop on SIGTERM, and a stop on a non-finite loss that keeps the last
+good checkpoint.
+
+Step metrics are sums (`loss_sum`, `correct_sum`, `weight_sum`) plus instantaneous values
+(anything else, e.g. `grad_norm`); the loop turns them into means over each logging window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shlex
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from flax import nnx
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from flanjax.errors import FlanjaxError
+from flanjax.sharding import Partitioner
+from flanjax.train.checkpoint import Checkpointer, PreemptionWatch
+from flanjax.train.metrics import MetricsLog, console
+
+
+class NonFiniteLossError(FlanjaxError, FloatingPointError):
+    pass
+
+
+class BatchSource(Protocol):
+    def __next__(self) -> Mapping[str, np.ndarray]: ...
+    def get_state(self) -> Mapping: ...
+    def set_state(self, state: Mapping) -> None: ...
+
+
+EvalHook = Callable[[int, nnx.State], Mapping[str, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    num_steps: int
+    log_every: int = 10
+    eval_every: int | None = None  # None: evaluate only at the end
+    eval_at_start: bool = False  # also evaluate the initial model (e.g. untrained baseline)
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: Any
+    step: int
+    preempted: bool = False
+    evals: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
+
+
+def _reduce(window: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Host-side means over a logging window of step metrics."""
+    host = jax.device_get(window)
+    sums = {k: float(sum(m[k] for m in host)) for k in host[0]}
+    out = {k: v / len(host) for k, v in sums.items() if not k.endswith("_sum")}
+    weight = sums.get("weight_sum", 0.0)
+    if weight:
+        out["loss"] = sums["loss_sum"] / weight
+        out["token_accuracy"] = sums["correct_sum"] / weight
+    return out
+
+
+class TrainLoop:
+    def __init__(
+        self,
+        *,
+        step_fn: Callable[[Any, Mapping[str, jax.Array]], tuple[Any, Mapping[str, jax.Array]]],
+        batches: BatchSource,
+        partitioner: Partitioner,
+        checkpointer: Checkpointer,
+        metrics: MetricsLog,
+        config: LoopConfig,
+        eval_hooks: Mapping[str, EvalHook] | None = None,
+        learning_rate: Callable[[int], float] | None = None,
+        tokens_per_step: int = 0,
+        flops_per_step: float = 0.0,
+        peak_flops: float = 0.0,
+    ):
+        self.step_fn = step_fn
+        self.batches = batches
+        self.partitioner = partitioner
+        self.checkpointer = checkpointer
+        self.metrics = metrics
+        self.config = config
+        self.eval_hooks = dict(eval_hooks or {})
+        self.learning_rate = learning_rate
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_step = flops_per_step
+        self.peak_flops = peak_flops
+
+    # --- start ----------------------------------------------------------------------------
+
+    def restore_or_init(self, init_fn: Callable[[], Any], abstract_state: Any) -> tuple[Any, int]:
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            return init_fn(), 0
+        state, data_state = self.checkpointer.restore(latest, abstract_state)
+        if data_state:
+            self.batches.set_state(data_state)
+        console.print(f"Resuming from checkpoint step {latest} in {self.checkpointer.directory}")
+        return state, latest
+
+    # --- run ------------------------------------------------------------------------------
+
+    def run(self, init_fn: Callable[[], Any], abstract_state: Any) -> LoopResult:
+        cfg = self.config
+        state, step = self.restore_or_init(init_fn, abstract_state)
+        result = LoopResult(state, step)
+        if step == 0 and cfg.eval_at_start:
+            self._evaluate(0, state, result)
+        watch = PreemptionWatch()
+        window: list[Mapping[str, Any]] = []
+        previous: Mapping[str, Any] | None = None
+        window_start = None
+        try:
+            with self._progress(step) as progress:
+                task = progress.add_task("train", total=cfg.num_steps, completed=step, metrics="")
+                while step < cfg.num_steps:
+                    if watch.should_stop(step):
+                        self._save(step, state)
+                        self.checkpointer.wait()
+                        result.preempted = True
+                        console.print(
+                            f"[bold yellow]Pre-empted (SIGTERM) at step {step}; checkpoint saved to "
+                            f"{self.checkpointer.directory}.[/] Resume with the same command:\n  "
+                            + " ".join(shlex.quote(a) for a in [sys.argv[0].split("/")[-1], *sys.argv[1:]])
+                        )
+                        break
+                    batch = self.partitioner.shard_batch(next(self.batches))
+                    state, step_metrics = self.step_fn(state, batch)
+                    step += 1
+                    if previous is not None:  # checked one step late: the device stays busy
+                        self._check_finite(previous, step - 1)
+                    previous = step_metrics
+                    window.append(step_metrics)
+                    if window_start is None:  # exclude compilation from throughput
+                        jax.block_until_ready(step_metrics)
+                        window, window_start = [], time.perf_counter()
+                    if step % cfg.log_every == 0 or step == cfg.num_steps:
+                        if window:
+                            self._log(step, window, time.perf_counter() - window_start, progress, task)
+                        window, window_start = [], time.perf_counter()
+                    progress.update(task, completed=step)
+                    if step % self.checkpointer.config.every_steps == 0 or step == cfg.num_steps:
+                        self._check_finite(step_metrics, step)
+                        self._save(step, state)
+                    if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.num_steps:
+                        self._evaluate(step, state, result)
+            if not result.preempted:
+                self._evaluate(step, state, result)
+        finally:
+            watch.close()
+            self.checkpointer.wait()
+            self.metrics.flush()
+        result.state, result.step = state, step
+        return result
+
+    # --- pieces ---------------------------------------------------------------------------
+
+    def _progress(self, step: int) -> Progress:
+        return Progress(
+            TextColumn("[bold]step"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=console,
+            disable=not console.is_terminal,
+            transient=False,
+        )
+
+    def _check_finite(self, step_metrics: Mapping[str, Any], step: int) -> None:
+        loss = float(jax.device_get(step_metrics["loss_sum"]))
+        if math.isfinite(loss):
+            return
+        self.checkpointer.wait()
+        good = self.checkpointer.latest_step()
+        where = f"step {good} in {self.checkpointer.directory}" if good is not None else "none yet"
+        raise NonFiniteLossError(
+            f"loss is {loss} at step {step}; the run stopped before saving anything from it. "
+            f"Last good checkpoint: {where}. Lower the learning rate (or raise warmup), check the "
+            "data around this step, or enable gradient clipping, then run the same command to "
+            "resume from that checkpoint."
+        )
+
+    def _save(self, step: int, state: Any) -> None:
+        self.checkpointer.save(step, state, self.batches.get_state())
+
+    def _log(self, step: int, window, elapsed: float, progress: Progress, task) -> None:
+        scalars = _reduce(window)
+        steps = len(window)
+        scalars["step_time_s"] = elapsed / steps
+        if self.tokens_per_step:
+            scalars["tokens_per_s"] = self.tokens_per_step * steps / elapsed
+        if self.flops_per_step and self.peak_flops:
+            scalars["mfu"] = self.flops_per_step * steps / elapsed / self.peak_flops
+        if self.learning_rate is not None:
+            scalars["learning_rate"] = float(self.learning_rate(step))
+        self.metrics.write(step, scalars)
+        shown = "  ".join(
+            f"{k}={scalars[k]:.4g}" for k in ("loss", "token_accuracy", "grad_norm", "tokens_per_s") if k in scalars
+        )
+        progress.update(task, metrics=shown)
+        if not console.is_terminal:
+            console.print(f"step {step}/{self.config.num_steps}  {shown}")
+
+    def _evaluate(self, step: int, state: Any, result: LoopResult) -> None:
+        if not self.eval_hooks:
+            return
+        scalars: dict[str, float] = {}
+        for name, hook in self.eval_hooks.items():
+            for k, v in hook(step, state).items():
+                scalars[f"{name}/{k}"] = float(v)
+        self.metrics.write(step, scalars)
+        result.evals[step] = scalars
+

@@ -1,0 +1,175 @@
+"""`flanjax train`: language-model training (instruction tuning, SFT) on a seqio mixture.
+
+`train()` is configured by gin (configs/runs/*.gin) and composes the pieces: mesh, model
+and optimizer born sharded, seqio batches for this process, the compiled LM step, and the
+one training loop with its checkpoints, metrics and evaluation hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from rich.table import Table
+
+from flanjax.data.pipeline import SeqioBatches, get_task_or_mixture
+from flanjax.eval.evaluator import GenerationEvalConfig, GenerationEvaluator
+from flanjax.models.transformer import Transformer, TransformerConfig
+from flanjax.sharding import MeshConfig, Partitioner
+from flanjax.train import throughput
+from flanjax.train.checkpoint import CheckpointConfig, Checkpointer
+from flanjax.train.loop import LoopConfig, LoopResult, TrainLoop
+from flanjax.train.metrics import MetricsLog, console, plot_metrics
+from flanjax.train.optim import OptimizerConfig, make_optimizer, make_schedule
+from flanjax.train.steps import make_lm_eval_step, make_lm_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+    split: str = "validation"
+    num_batches: int = 10
+
+
+def train(
+    *,
+    model_dir: str,
+    model: TransformerConfig,
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    batch_size: int,
+    loop: LoopConfig,
+    optimizer: OptimizerConfig = OptimizerConfig(),
+    mesh: MeshConfig = MeshConfig(),
+    checkpoint: CheckpointConfig = CheckpointConfig(),
+    validation: ValidationConfig | None = ValidationConfig(),
+    generation_eval: GenerationEvalConfig | None = None,
+    pack: bool = True,
+    num_microbatches: int = 1,
+    z_loss: float = 0.0,
+    seed: int = 0,
+) -> LoopResult:
+    """Trains `model` on `mixture_or_task_name` for `loop.num_steps` steps of `batch_size`
+    sequences (global), resuming from `model_dir` if it holds checkpoints."""
+    get_task_or_mixture(mixture_or_task_name)
+    partitioner = Partitioner.from_config(mesh)
+    per_process = partitioner.per_process_batch_size(batch_size)
+    batches = SeqioBatches(
+        mixture_or_task_name, task_feature_lengths, per_process, seed=seed, pack=pack
+    )
+    _check_vocabulary(mixture_or_task_name, model)
+
+    tx = make_optimizer(optimizer, loop.num_steps)
+
+    def init():
+        m = Transformer(model, rngs=nnx.Rngs(params=seed))
+        return m, nnx.Optimizer(m, tx, wrt=nnx.Param)
+
+    graphdef, abstract_state = partitioner.abstract_state(init)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+    model_graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(model, rngs=nnx.Rngs(0))))[0]
+
+    batch_sharding = partitioner.batch_sharding(2)
+    step_fn = jax.jit(
+        make_lm_train_step(graphdef, z_loss=z_loss, num_microbatches=num_microbatches, seed=seed),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+
+    hooks = {}
+    if validation is not None:
+        hooks["eval"] = _validation_hook(
+            graphdef, shardings, partitioner, batch_sharding,
+            SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process,
+                         split=validation.split, shuffle=False, pack=pack, num_epochs=1),
+            validation.num_batches,
+        )  # fmt: skip
+    if generation_eval is not None:
+        evaluator = GenerationEvaluator(generation_eval, mixture_or_task_name, task_feature_lengths, model_graphdef)
+        hooks["generate"] = lambda step, state: evaluator(step, state[0])
+
+    seq_len = sum(task_feature_lengths.values())
+    metrics = MetricsLog(model_dir)
+    checkpointer = Checkpointer(model_dir, checkpoint)
+    trainer = TrainLoop(
+        step_fn=step_fn,
+        batches=batches,
+        partitioner=partitioner,
+        checkpointer=checkpointer,
+        metrics=metrics,
+        config=loop,
+        eval_hooks=hooks,
+        learning_rate=make_schedule(optimizer, loop.num_steps),
+        tokens_per_step=batch_size * seq_len,
+        flops_per_step=batch_size * seq_len * throughput.train_flops_per_token(model, seq_len),
+        peak_flops=throughput.peak_flops(),
+    )
+    console.print(
+        f"Training {model.num_params() / 1e6:.2f}M parameters on {mixture_or_task_name} for "
+        f"{loop.num_steps} steps; mesh {dict(partitioner.mesh.shape)}; run dir {model_dir}"
+    )
+    with partitioner.activate():
+        result = trainer.run(lambda: partitioner.create(init, abstract_state), abstract_state)
+    checkpointer.close()
+    metrics.close()
+    batches.close()
+    if jax.process_index() == 0:
+        png = plot_metrics(metrics.path, os.path.join(model_dir, "loss.png"))
+        console.print(f"Loss curve: {png}")
+        _print_eval_table(result)
+    return result
+
+
+def _check_vocabulary(name: str, model: TransformerConfig) -> None:
+    provider = get_task_or_mixture(name)
+    tasks = provider.tasks if hasattr(provider, "tasks") else [provider]
+    for task in tasks:
+        for feature_name, feature in task.output_features.items():
+            size = feature.vocabulary.vocab_size
+            if size > model.vocab_size:
+                raise ValueError(
+                    f"task {task.name!r} feature {feature_name!r} uses a vocabulary of {size} "
+                    f"tokens but the model has vocab_size={model.vocab_size}; raise the model's "
+                    "vocab_size (e.g. --gin.TransformerConfig.vocab_size=...) to at least that."
+                )
+
+
+def _validation_hook(graphdef, shardings, partitioner, batch_sharding, source: SeqioBatches, num_batches: int):
+    step_fn = jax.jit(make_lm_eval_step(graphdef), in_shardings=(shardings, batch_sharding))
+
+    def hook(step: int, state) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        source.set_state({"position": 0})
+        for _, batch in zip(range(num_batches), source):
+            sums = jax.device_get(step_fn(state, partitioner.shard_batch(batch)))
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        if not totals.get("weight_sum"):
+            return {}
+        return {
+            "loss": totals["loss_sum"] / totals["weight_sum"],
+            "token_accuracy": totals["correct_sum"] / totals["weight_sum"],
+        }
+
+    return hook
+
+
+def _print_eval_table(result: LoopResult) -> None:
+    """Per-task generation metrics: the first evaluation against the last."""
+    if len(result.evals) < 2:
+        return
+    first, last = min(result.evals), max(result.evals)
+    keys = sorted(k for k in result.evals[last] if k.startswith("generate/"))
+    if not keys:
+        return
+    table = Table(title=f"Held-out generation metrics: step {first} vs step {last}")
+    table.add_column("task / metric")
+    table.add_column(f"step {first}" + (" (untrained)" if first == 0 else ""), justify="right")
+    table.add_column(f"step {last}", justify="right")
+    for k in keys:
+        table.add_row(k.removeprefix("generate/"), f"{result.evals[first].get(k, np.nan):.1f}", f"{result.evals[last][k]:.1f}")
+    console.print(table)

@@ -1,0 +1,91 @@
+"""Language-model steps (SFT, instruction tuning): pure functions of (state, batch).
+
+`state` is `nnx.state((model, optimizer))` and the batch holds the decoder features of
+`flanjax.data.pipeline`. The loss is the mean cross-entropy over target tokens of the whole
+global batch; with microbatches the gradient is accumulated in a scan and normalised once,
+so it equals the gradient of the full batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from flanjax.train.objectives import TokenStats, token_cross_entropy
+
+Batch = Mapping[str, jax.Array]
+
+
+def lm_stats(model: nnx.Module, batch: Batch, rngs: nnx.Rngs | None, z_loss: float = 0.0) -> TokenStats:
+    logits, _ = model(
+        batch["decoder_input_tokens"],
+        batch["decoder_positions"],
+        batch["decoder_segment_ids"],
+        rngs=rngs,
+    )
+    return token_cross_entropy(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"], z_loss)
+
+
+def _split_microbatches(batch: Batch, n: int) -> Batch:
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {n} microbatches.")
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_lm_train_step(graphdef: nnx.GraphDef, *, z_loss: float = 0.0, num_microbatches: int = 1, seed: int = 0):
+    """Returns step(state, batch) -> (state, metrics); metrics are sums to reduce on the host."""
+
+    def step(state: nnx.State, batch: Batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        model_def, params, rest = nnx.split(model, nnx.Param, ...)
+        # Dropout keys from (seed, step): resumable without saving any RNG state.
+        key = jax.random.fold_in(jax.random.key(seed), optimizer.step[...])
+
+        def loss_fn(params, micro, key):
+            stats = lm_stats(nnx.merge(model_def, params, rest), micro, nnx.Rngs(dropout=key), z_loss)
+            return stats.loss + stats.z_loss, stats
+
+        grad_fn = jax.grad(loss_fn, has_aux=True)
+        if num_microbatches == 1:
+            grads, stats = grad_fn(params, batch, key)
+        else:
+            def accumulate(carry, xs):
+                micro, i = xs
+                g, s = grad_fn(params, micro, jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, carry, (g, s)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, params), TokenStats(*[jnp.zeros((), jnp.float32)] * 4))
+            micro = _split_microbatches(batch, num_microbatches)
+            (grads, stats), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(num_microbatches)))
+
+        grads = jax.tree.map(lambda g: g / jnp.maximum(stats.weight, 1.0), grads)
+        grad_norm = optax.global_norm(grads)
+        optimizer.update(model, grads)
+        metrics = {
+            "loss_sum": stats.loss,
+            "z_loss_sum": stats.z_loss,
+            "correct_sum": stats.correct,
+            "weight_sum": stats.weight,
+            "grad_norm": grad_norm,
+        }
+        return nnx.state((model, optimizer)), metrics
+
+    return step
+
+
+def make_lm_eval_step(graphdef: nnx.GraphDef):
+    """Returns step(state, batch) -> summed loss statistics, without dropout or updates."""
+
+    def step(state: nnx.State, batch: Batch):
+        model, _ = nnx.merge(graphdef, state)
+        stats = lm_stats(model, batch, None)
+        return {"loss_sum": stats.loss, "correct_sum": stats.correct, "weight_sum": stats.weight}
+
+    return step

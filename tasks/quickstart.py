@@ -1,0 +1,231 @@
+"""Built-in synthetic instruction tasks for the quickstart: generated on the spot, offline.
+
+Importing this module registers five seqio tasks, each with several instruction templates,
+and the mixture `quickstart`:
+
+    quickstart_reverse  reverse a list of words
+    quickstart_sort     sort a list of digits
+    quickstart_add      add two numbers
+    quickstart_count    count the words in a list
+    quickstart_lookup   read a value off a small key-value table
+
+Every problem is assigned to `train` or `validation` by a hash of its content, so the
+held-out problems are never seen in training. The tokenizer is a small byte-level BPE
+trained on the tasks' own text the first time it is needed (cached under
+$FLANJAX_CACHE, default ~/.cache/flanjax).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import random
+import tempfile
+from collections.abc import Callable
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from flanjax.data.templates import Template, check_templates, templates_preprocessor
+from flanjax.data.vocab import HFVocabulary
+from flanjax.eval.metrics import exact_match
+
+NUM_EXAMPLES = {"train": 20_000, "validation": 200}
+HELD_OUT_BUCKETS = 10  # one problem in ten is reserved for validation
+TOKENIZER_VERSION = "v1"
+
+WORDS = (
+    "apple bird cat dog egg fish goat hat ink jam kite lamp moon nest owl pen queen rose sun "
+    "tree umbrella van whale box yarn zebra red blue green gold"
+).split()
+KEYS = tuple("abcdefghjkmnpqrstuvwxyz")
+
+
+# --- problem generators: rng -> flat text fields -------------------------------------------
+
+
+def _reverse(rng: random.Random) -> dict[str, str]:
+    items = rng.choices(WORDS, k=rng.randint(3, 6))
+    return {"items": " ".join(items), "answer": " ".join(reversed(items))}
+
+
+def _sort(rng: random.Random) -> dict[str, str]:
+    digits = [rng.randint(0, 9) for _ in range(rng.randint(3, 7))]
+    return {"items": " ".join(map(str, digits)), "answer": " ".join(map(str, sorted(digits)))}
+
+
+def _add(rng: random.Random) -> dict[str, str]:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return {"a": str(a), "b": str(b), "answer": str(a + b)}
+
+
+def _count(rng: random.Random) -> dict[str, str]:
+    items = rng.choices(WORDS, k=rng.randint(1, 9))
+    return {"items": " ".join(items), "answer": str(len(items))}
+
+
+def _lookup(rng: random.Random) -> dict[str, str]:
+    keys = rng.sample(KEYS, rng.randint(3, 5))
+    table = {k: str(rng.randint(0, 9)) for k in keys}
+    key = rng.choice(keys)
+    return {
+        "table": ", ".join(f"{k}={v}" for k, v in table.items()),
+        "key": key,
+        "answer": table[key],
+    }
+
+
+TASKS: dict[str, tuple[Callable[[random.Random], dict[str, str]], tuple[Template, ...]]] = {
+    "quickstart_reverse": (
+        _reverse,
+        (
+            Template("Reverse the order of these words: {items}\nAnswer:", " {answer}"),
+            Template("Write this list backwards.\n{items}\n", "{answer}"),
+            Template("{items}\nWhat is the list above in reverse order?", " {answer}"),
+            Template("Here are some words: {items}. Read them from last to first:", " {answer}"),
+        ),
+    ),
+    "quickstart_sort": (
+        _sort,
+        (
+            Template("Sort these digits from smallest to largest: {items}\nAnswer:", " {answer}"),
+            Template("Put the numbers in ascending order.\n{items}\n", "{answer}"),
+            Template("{items}\nArrange the digits above in increasing order.", " {answer}"),
+        ),
+    ),
+    "quickstart_add": (
+        _add,
+        (
+            Template("What is {a} plus {b}?", " {answer}"),
+            Template("Add {a} and {b}.\nAnswer:", " {answer}"),
+            Template("Compute the sum: {a} + {b} =", " {answer}"),
+            Template("If you have {a} coins and find {b} more, how many coins do you have?", " {answer}"),
+        ),
+    ),
+    "quickstart_count": (
+        _count,
+        (
+            Template("How many words are in this list? {items}\nAnswer:", " {answer}"),
+            Template("Count the words.\n{items}\n", "{answer}"),
+            Template("{items}\nNumber of words above:", " {answer}"),
+        ),
+    ),
+    "quickstart_lookup": (
+        _lookup,
+        (
+            Template("Given {table}, what is the value of {key}?", " {answer}"),
+            Template("Table: {table}\nLook up {key}.\nAnswer:", " {answer}"),
+            Template("{table}\nWhich number goes with {key}?", " {answer}"),
+        ),
+    ),
+}
+
+
+def _in_split(fields: dict[str, str], split: str) -> bool:
+    digest = hashlib.sha1(repr(sorted(fields.items())).encode()).digest()
+    held_out = digest[0] % HELD_OUT_BUCKETS == 0
+    return held_out == (split == "validation")
+
+
+@functools.cache
+def generate(task: str, split: str) -> tuple[dict[str, str], ...]:
+    """The fixed list of problems of one task and split (seeded by the task and split names)."""
+    make = TASKS[task][0]
+    rng = random.Random(f"{task}/{split}")
+    problems: list[dict[str, str]] = []
+    while len(problems) < NUM_EXAMPLES[split]:
+        fields = make(rng)
+        if _in_split(fields, split):
+            problems.append(fields)
+    return tuple(problems)
+
+
+def _dataset_fn(task: str, split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+    del shuffle_files, seed  # one in-memory "file"; seqio shuffles examples downstream
+    problems = generate(task, split)
+    columns = {k: np.array([p[k] for p in problems]) for k in problems[0]}
+    return tf.data.Dataset.from_tensor_slices(columns)
+
+
+# --- tokenizer ------------------------------------------------------------------------------
+
+
+def _corpus() -> list[str]:
+    lines = []
+    for task, (_, templates) in TASKS.items():
+        for i, fields in enumerate(generate(task, "train")[:2000]):
+            inputs, targets = templates[i % len(templates)].render(fields)
+            lines.append(inputs + targets)
+    return lines
+
+
+def tokenizer_dir() -> str:
+    """Directory of the quickstart tokenizer, trained on first use (atomic, process-safe)."""
+    cache = os.environ.get("FLANJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flanjax"))
+    path = os.path.join(cache, f"quickstart_tokenizer_{TOKENIZER_VERSION}")
+    if os.path.isdir(path):
+        return path
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<pad>", "</s>", "<unk>"],  # ids 0, 1, 2: seqio pads with 0
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    os.makedirs(cache, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=cache, prefix=".tokenizer-")
+    fast.save_pretrained(staging)
+    try:
+        os.rename(staging, path)
+    except OSError:  # another process got there first; theirs is identical
+        pass
+    return path
+
+
+VOCABULARY = HFVocabulary(tokenizer_dir)
+
+
+# --- registration ---------------------------------------------------------------------------
+
+
+def _register() -> None:
+    features = {
+        "inputs": seqio.Feature(VOCABULARY, add_eos=False),
+        "targets": seqio.Feature(VOCABULARY, add_eos=True),
+    }
+    for name, (make, templates) in TASKS.items():
+        check_templates(name, templates, make(random.Random(0)).keys())
+        seqio.TaskRegistry.add(
+            name,
+            source=seqio.FunctionDataSource(
+                functools.partial(_dataset_fn, name),
+                splits=tuple(NUM_EXAMPLES),
+                num_input_examples=dict(NUM_EXAMPLES),
+            ),
+            preprocessors=[
+                templates_preprocessor(templates),
+                seqio.preprocessors.tokenize,
+                seqio.preprocessors.append_eos_after_trim,
+            ],
+            output_features=features,
+            postprocess_fn=lambda text, **_: text.strip(),
+            metric_fns=[exact_match],
+        )
+    seqio.MixtureRegistry.add(
+        "quickstart", list(TASKS), default_rate=seqio.mixing_rate_num_examples
+    )
+
+
+if "quickstart" not in seqio.MixtureRegistry.names():
+    _register()
