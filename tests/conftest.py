@@ -1,0 +1,19 @@
+"""Test set-up: 8 simulated CPU devices, quiet TensorFlow, a private cache directory."""
+
+import os
+import tempfile
+
+# Before JAX is imported anywhere: the tests run on a simulated 8-device CPU mesh.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("FLANJAX_CACHE", tempfile.mkdtemp(prefix="flanjax-test-cache-"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> str:
+    return REPO_ROOT
