@@ -112,17 +112,35 @@ def _write(model_dir: str, name: str, text: str) -> None:
             f.write(text)
 
 
+def model_config(name: str, bindings: list[str]):
+    """The `MODEL` of configs/models/NAME.gin (or of a gin file path), with overrides."""
+    import gin
+
+    path = name if name.endswith(".gin") else os.path.join("configs", "models", f"{name}.gin")
+    parse_gin([path], [*bindings, "from __gin__ import dynamic_registration\nfrom flanjax import cli\ncli.configured_value.value = %MODEL"])
+    return gin.get_configurable(configured_value)()
+
+
+def configured_value(value):
+    """Returns what gin bound to `value`: how the CLI reads a macro's built object."""
+    return value
+
+
 def cmd_bench(args: argparse.Namespace, bindings: list[str]) -> int:
     from flanjax import benchmark
 
+    config = model_config(args.model, bindings)
+    if args.dtype:
+        import dataclasses
+
+        config = dataclasses.replace(config, dtype=args.dtype)
     result = benchmark.bench_train(
-        model=args.model,
+        config,
+        model_name=args.model,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         steps=args.steps,
         warmup=args.warmup,
-        dtype=args.dtype,
-        bindings=bindings,
     )
     print(json.dumps(result))
     return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import difflib
+import logging
 import weakref
 from collections.abc import Iterator, Mapping
 
@@ -54,6 +55,26 @@ def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
 
 def _registered(name: str) -> bool:
     return name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names()
+
+
+class VocabularyMismatchError(FlanjaxError, ValueError):
+    pass
+
+
+def check_vocabulary(name: str, model_vocab_size: int) -> None:
+    """Every feature's vocabulary must fit the model's embedding table."""
+    provider = get_task_or_mixture(name)
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    for task in tasks:
+        for feature_name, feature in task.output_features.items():
+            size = feature.vocabulary.vocab_size
+            if size > model_vocab_size:
+                raise VocabularyMismatchError(
+                    f"task {task.name!r} feature {feature_name!r} uses a vocabulary of {size} "
+                    f"tokens but the model has vocab_size={model_vocab_size}; raise the model's "
+                    "vocab_size (e.g. --gin.transformer.TransformerConfig.vocab_size=...) to at "
+                    "least that."
+                )
 
 
 def decoder_converter(pack: bool) -> seqio.FeatureConverter:
@@ -126,7 +147,13 @@ class SeqioBatches:
         return {"source": self.mixture_or_task_name, "split": self.split, "seed": self.seed, "position": self.position}
 
     def set_state(self, state: Mapping) -> None:
-        self.position = int(state["position"])
+        saved = {k: state[k] for k in ("source", "split", "seed") if k in state}
+        ours = {k: v for k, v in self.get_state().items() if k in saved}
+        if saved != ours:  # another stream: a saved position means nothing in it
+            logging.warning("data stream changed since the checkpoint (%s -> %s): starting it from the beginning", saved, ours)
+            self.position = 0
+        else:
+            self.position = int(state["position"])
         self._iterator = None
 
     def close(self) -> None:

@@ -76,7 +76,8 @@ class HFVocabulary(seqio.Vocabulary):
             ids = self.tokenizer(flat, add_special_tokens=False)["input_ids"]
             if np.ndim(x) == 0:
                 return np.asarray(ids[0], np.int32)
-            return tf.ragged.constant(ids, dtype=tf.int32).to_tensor().numpy()
+            padded = tf.ragged.constant(ids, dtype=tf.int32).to_tensor().numpy()
+            return padded.reshape(np.shape(x) + padded.shape[-1:])  # [..., longest]
 
         ids = tf.numpy_function(encode, [s], tf.int32, stateful=False)
         ids.set_shape(s.shape.concatenate([None]))

@@ -33,6 +33,11 @@ class CheckpointConfig:
     async_save: bool = True
 
 
+def _pure(tree: Any) -> Any:
+    """Checkpoints hold plain nested dicts of arrays; NNX states are converted to them."""
+    return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+
+
 def _flat(tree: Any) -> dict[str, Any]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): v for path, v in leaves}
@@ -50,26 +55,29 @@ class Checkpointer:
                 cleanup_tmp_directories=True,
                 create=True,
             ),
-            item_names=("state", "data"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: nnx.State, data_state: Mapping | None = None) -> None:
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: Mapping | None = None) -> None:
         """Starts an (asynchronous) save; call `wait()` before relying on it."""
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+                state=ocp.args.StandardSave(_pure(state)),
                 data=ocp.args.JsonSave(dict(data_state or {})),
             ),
             force=True,
         )
 
-    def restore(self, step: int, abstract_state: nnx.State) -> tuple[nnx.State, dict]:
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores straight into the shardings carried by `abstract_state`'s leaves."""
-        target = nnx.to_pure_dict(abstract_state)
+        target = _pure(abstract_state)
         self.check_compatible(step, target)
         restored = self.manager.restore(
             step,
@@ -78,8 +86,10 @@ class Checkpointer:
                 data=ocp.args.JsonRestore(),
             ),
         )
-        state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill in
-        nnx.replace_by_pure_dict(state, restored["state"])
+        state = restored["state"]
+        if isinstance(abstract_state, nnx.State):
+            state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill in
+            nnx.replace_by_pure_dict(state, restored["state"])
         return state, dict(restored["data"] or {})
 
     def check_compatible(self, step: int, target: Any) -> None:

@@ -124,7 +124,7 @@ class TrainLoop:
         watch = PreemptionWatch()
         window: list[Mapping[str, Any]] = []
         previous: Mapping[str, Any] | None = None
-        window_start = None
+        window_start, timed = None, 0
         try:
             with self._progress(step) as progress:
                 task = progress.add_task("train", total=cfg.num_steps, completed=step, metrics="")
@@ -146,13 +146,13 @@ class TrainLoop:
                         self._check_finite(previous, step - 1)
                     previous = step_metrics
                     window.append(step_metrics)
-                    if window_start is None:  # exclude compilation from throughput
+                    timed += 1
+                    if window_start is None:  # the first step compiles: keep it out of throughput
                         jax.block_until_ready(step_metrics)
-                        window, window_start = [], time.perf_counter()
+                        window_start, timed = time.perf_counter(), 0
                     if step % cfg.log_every == 0 or step == cfg.num_steps:
-                        if window:
-                            self._log(step, window, time.perf_counter() - window_start, progress, task)
-                        window, window_start = [], time.perf_counter()
+                        self._log(step, window, timed, time.perf_counter() - window_start, progress, task)
+                        window, window_start, timed = [], time.perf_counter(), 0
                     progress.update(task, completed=step)
                     if step % self.checkpointer.config.every_steps == 0 or step == cfg.num_steps:
                         self._check_finite(step_metrics, step)
@@ -199,14 +199,14 @@ class TrainLoop:
     def _save(self, step: int, state: Any) -> None:
         self.checkpointer.save(step, state, self.batches.get_state())
 
-    def _log(self, step: int, window, elapsed: float, progress: Progress, task) -> None:
+    def _log(self, step: int, window, timed: int, elapsed: float, progress: Progress, task) -> None:
         scalars = _reduce(window)
-        steps = len(window)
-        scalars["step_time_s"] = elapsed / steps
-        if self.tokens_per_step:
-            scalars["tokens_per_s"] = self.tokens_per_step * steps / elapsed
-        if self.flops_per_step and self.peak_flops:
-            scalars["mfu"] = self.flops_per_step * steps / elapsed / self.peak_flops
+        if timed:  # throughput over the steps timed in this window
+            scalars["step_time_s"] = elapsed / timed
+            if self.tokens_per_step:
+                scalars["tokens_per_s"] = self.tokens_per_step * timed / elapsed
+            if self.flops_per_step and self.peak_flops:
+                scalars["mfu"] = self.flops_per_step * timed / elapsed / self.peak_flops
         if self.learning_rate is not None:
             scalars["learning_rate"] = float(self.learning_rate(step))
         self.metrics.write(step, scalars)

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from rich.table import Table
 
-from flanjax.data.pipeline import SeqioBatches, get_task_or_mixture
+from flanjax.data.pipeline import SeqioBatches, check_vocabulary, get_task_or_mixture
 from flanjax.eval.evaluator import GenerationEvalConfig, GenerationEvaluator
 from flanjax.models.transformer import Transformer, TransformerConfig
 from flanjax.sharding import MeshConfig, Partitioner
@@ -48,6 +48,7 @@ def train(
     validation: ValidationConfig | None = ValidationConfig(),
     generation_eval: GenerationEvalConfig | None = None,
     pack: bool = True,
+    shuffle: bool = True,
     num_microbatches: int = 1,
     z_loss: float = 0.0,
     seed: int = 0,
@@ -58,9 +59,9 @@ def train(
     partitioner = Partitioner.from_config(mesh)
     per_process = partitioner.per_process_batch_size(batch_size)
     batches = SeqioBatches(
-        mixture_or_task_name, task_feature_lengths, per_process, seed=seed, pack=pack
+        mixture_or_task_name, task_feature_lengths, per_process, seed=seed, pack=pack, shuffle=shuffle
     )
-    _check_vocabulary(mixture_or_task_name, model)
+    check_vocabulary(mixture_or_task_name, model.vocab_size)
 
     tx = make_optimizer(optimizer, loop.num_steps)
 
@@ -122,20 +123,6 @@ def train(
         console.print(f"Loss curve: {png}")
         _print_eval_table(result)
     return result
-
-
-def _check_vocabulary(name: str, model: TransformerConfig) -> None:
-    provider = get_task_or_mixture(name)
-    tasks = provider.tasks if hasattr(provider, "tasks") else [provider]
-    for task in tasks:
-        for feature_name, feature in task.output_features.items():
-            size = feature.vocabulary.vocab_size
-            if size > model.vocab_size:
-                raise ValueError(
-                    f"task {task.name!r} feature {feature_name!r} uses a vocabulary of {size} "
-                    f"tokens but the model has vocab_size={model.vocab_size}; raise the model's "
-                    "vocab_size (e.g. --gin.TransformerConfig.vocab_size=...) to at least that."
-                )
 
 
 def _validation_hook(graphdef, shardings, partitioner, batch_sharding, source: SeqioBatches, num_batches: int):

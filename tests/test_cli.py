@@ -1,0 +1,227 @@
+"""`flanjax` end to end: gin configs, runs, resume after SIGKILL and SIGTERM, bad input."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import gin
+import pytest
+
+from flanjax import cli
+from flanjax.train.metrics import read_metrics
+
+TINY_RUN = [
+    "--gin_file=configs/runs/sft.gin",
+    "--gin_file=configs/models/tiny.gin",
+    "--gin.MIXTURE_OR_TASK_NAME='quickstart'",
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 16}",
+    "--gin.BATCH_SIZE=8",
+    "--gin.optim.OptimizerConfig.learning_rate=3e-3",
+    "--gin.optim.OptimizerConfig.warmup_steps=5",
+    "--gin.run.train.validation=None",
+]
+
+
+def train_args(model_dir, steps, *extra):
+    return ["train", *TINY_RUN, f"--gin.MODEL_DIR={model_dir}", f"--gin.TRAIN_STEPS={steps}", *extra]
+
+
+@pytest.fixture(autouse=True)
+def _quickstart_tasks():
+    import tasks.quickstart  # noqa: F401  registers the tasks the tiny runs use
+
+
+def run_cli(args) -> int:
+    gin.clear_config(clear_constants=True)
+    return cli.main(args)
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("train", "bench", "tasks"):
+        assert command in out
+
+
+def test_training_lowers_the_loss_and_writes_the_run_directory(tmp_path):
+    model_dir = tmp_path / "run"
+    assert run_cli(train_args(model_dir, 40, "--gin.loop.LoopConfig.log_every=5")) == 0
+    rows = [r for r in read_metrics(model_dir / "metrics.jsonl") if "loss" in r]
+    assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
+    for key in ("token_accuracy", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "step_time_s"):
+        assert key in rows[-1]
+    assert glob.glob(str(model_dir / "tensorboard" / "events.out.tfevents.*"))
+    assert (model_dir / "loss.png").stat().st_size > 1000
+    operative = (model_dir / "operative_config.gin").read_text()
+    assert "num_steps = %TRAIN_STEPS" in operative or "TRAIN_STEPS = 40" in operative
+    assert (model_dir / "checkpoints" / "40").is_dir()
+
+
+def test_unknown_gin_binding_is_named(tmp_path, capsys):
+    code = run_cli(train_args(tmp_path, 2, "--gin.optim.OptimizerConfig.learning_rat=1.0"))
+    assert code == 2
+    assert "learning_rat" in capsys.readouterr().err
+
+
+def test_missing_required_macro_is_named(tmp_path, capsys):
+    args = [a for a in train_args(tmp_path, 2) if not a.startswith("--gin.BATCH_SIZE")]
+    assert run_cli(args) == 2
+    assert "BATCH_SIZE" in capsys.readouterr().err
+
+
+def test_unknown_task_suggests_near_names(tmp_path, capsys):
+    assert run_cli(train_args(tmp_path, 2, "--gin.MIXTURE_OR_TASK_NAME=quickstart_revers")) == 1
+    assert "quickstart_reverse" in capsys.readouterr().err
+
+
+def test_mesh_that_does_not_divide_the_devices(tmp_path, capsys):
+    assert run_cli(train_args(tmp_path, 2, "--gin.sharding.MeshConfig.data=3")) == 1
+    err = capsys.readouterr().err
+    assert "does not divide the 8 available devices" in err
+
+
+def test_vocabulary_larger_than_the_model(tmp_path, capsys):
+    assert run_cli(train_args(tmp_path, 2, "--gin.transformer.TransformerConfig.vocab_size=100")) == 1
+    assert "vocab_size" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_model_shape(tmp_path, capsys):
+    assert run_cli(train_args(tmp_path, 2)) == 0
+    assert run_cli(train_args(tmp_path, 4, "--gin.transformer.TransformerConfig.d_ff=96")) == 1
+    assert "has shape" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(cli.REPO_ROOT, "configs", "models", "*.gin"))))
+def test_every_model_config_builds(path):
+    """Each shipped size parses and its parameters fit a mesh (abstractly: 7B is never allocated)."""
+    from flax import nnx
+
+    from flanjax.models.transformer import Transformer
+
+    gin.clear_config(clear_constants=True)
+    config = cli.model_config(path, [])
+    shapes = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    n = sum(x.size for x in __import__("jax").tree.leaves(nnx.state(shapes, nnx.Param)))
+    assert n == config.num_params()
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(cli.REPO_ROOT, "configs", "runs", "*.gin"))))
+def test_every_run_config_trains(path, tmp_path):
+    """Dry run: each shipped run config trains two steps (shrunk where it is large)."""
+    args = ["train", f"--gin_file={path}", f"--gin.MODEL_DIR={tmp_path}", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8"]
+    if os.path.basename(path) == "sft.gin":
+        args += ["--gin_file=configs/models/tiny.gin", "--gin.MIXTURE_OR_TASK_NAME='quickstart'",
+                 "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 16}"]  # fmt: skip
+    if os.path.basename(path) == "quickstart.gin":
+        args += ["--gin.evaluator.GenerationEvalConfig.num_examples=8", "--gin.evaluator.GenerationEvalConfig.batch_size=8"]
+    assert run_cli(args) == 0
+    assert (tmp_path / "operative_config.gin").exists()
+
+
+# --- kills and pre-emption (real processes) ---------------------------------------------------
+
+
+def _spawn(model_dir, steps, *extra):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    args = train_args(model_dir, steps, *extra)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flanjax.cli", *args],
+        cwd=cli.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def _wait_for_step(model_dir, step, proc, timeout=240):
+    path = os.path.join(model_dir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path) and any(r.get("step", 0) >= step for r in read_metrics(path)):
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    raise TimeoutError(f"no step {step} in {path}")
+
+
+def _losses(model_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(os.path.join(model_dir, "metrics.jsonl")) if "loss" in r}
+
+
+CKPT = ("--gin.checkpoint.CheckpointConfig.every_steps=20", "--gin.loop.LoopConfig.log_every=10")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    steps = 300
+    straight = _spawn(tmp_path / "straight", steps, *CKPT)
+    assert straight.wait() == 0, straight.stdout.read()
+
+    killed = _spawn(tmp_path / "killed", steps, *CKPT)
+    _wait_for_step(tmp_path / "killed", 50, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    done = {r["step"] for r in read_metrics(tmp_path / "killed" / "metrics.jsonl") if "loss" in r}
+    assert max(done) < steps, "the run finished before it could be killed; raise `steps`"
+
+    resumed = _spawn(tmp_path / "killed", steps, *CKPT)
+    out = resumed.communicate()[0]
+    assert resumed.returncode == 0, out
+    assert "Resuming from checkpoint step" in out
+    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
+    assert set(a) == set(b)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    proc = _spawn(tmp_path, 100_000, *CKPT)
+    _wait_for_step(tmp_path, 30, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, out
+    assert "Pre-empted" in out and "Resume with the same command" in out
+    saved = sorted(int(os.path.basename(p)) for p in glob.glob(str(tmp_path / "checkpoints" / "[0-9]*")))
+    assert saved and saved[-1] >= 30  # the step it stopped at, not only the periodic ones
+
+
+KILL_DURING_SAVE = """
+import sys, numpy as np, jax.numpy as jnp
+from flanjax.train.checkpoint import Checkpointer, CheckpointConfig
+ckpt = Checkpointer(sys.argv[1], CheckpointConfig(keep=None, async_save=False))
+for step in range(1, 1000):
+    ckpt.save(step, {"w": jnp.full((4_000_000,), float(step))}, {"position": step})
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_a_save_leaves_no_checkpoint_to_mistake_for_good(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from flanjax.train.checkpoint import Checkpointer
+
+    proc = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, str(tmp_path)])
+    ckpts = tmp_path / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until a save is half-way: a temporary directory exists
+        if len(os.listdir(ckpts) if ckpts.exists() else []) > 2 and any("tmp" in p for p in os.listdir(ckpts)):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any("tmp" in p for p in os.listdir(ckpts)), "killed outside a save; try again"
+    ckpt = Checkpointer(str(tmp_path))
+    step = ckpt.latest_step()
+    state, data = ckpt.restore(step, {"w": jax.ShapeDtypeStruct((4_000_000,), jnp.float32)})
+    assert float(state["w"][0]) == float(state["w"][-1]) == step and data == {"position": step}
+    assert not any("tmp" in p for p in os.listdir(ckpts))  # leftovers cleaned up
+
+
+def test_tasks_list_prints_registered_names(capsys):
+    assert cli.main(["tasks", "list", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert "quickstart_add" in listing["tasks"] and "quickstart" in listing["mixtures"]

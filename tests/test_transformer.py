@@ -1,0 +1,347 @@
+"""Tests of `flanjax.models.transformer` and `flanjax.decode` against independent references.
+
+* Hugging Face transformers (PyTorch) is the reference for the forward pass of each family:
+  LLaMA (GQA, untied), Qwen2 (q/k/v biases, tied) and GPT-2 (LayerNorm, learned positions,
+  GELU, biases, tied). A small weight-copy function per family lives here.
+* The model itself is the reference for its own fast paths: packed segments against each
+  sequence alone, the KV cache and `greedy_generate` against full forward passes without cache.
+* Dropout, bfloat16 compute and config validation are checked against their specification.
+
+Everything is tiny (vocabulary 97, width 32, 2 layers) so the file runs in seconds on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flanjax.decode import greedy_generate
+from flanjax.models.transformer import KVCache, Transformer, TransformerConfig, attention_mask, rope
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+LLAMA = TransformerConfig(
+    vocab_size=97, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64, max_len=32,
+    rope_theta=10_000.0, norm_eps=1e-6,
+)
+# Qwen2: q/k/v biases, tied embeddings, and a different rope base to check that it is honoured.
+QWEN2 = dataclasses.replace(LLAMA, qkv_bias=True, tie_embeddings=True, rope_theta=1e6)
+GPT2 = dataclasses.replace(
+    LLAMA, num_kv_heads=None, norm="layer", norm_eps=1e-5, position="learned", mlp="gelu",
+    use_bias=True, tie_embeddings=True,
+)
+FAMILIES = {"llama": LLAMA, "qwen2": QWEN2, "gpt2": GPT2}
+
+
+def make_model(config: TransformerConfig, seed: int = 0, init_std: float = 0.2) -> Transformer:
+    """A random model whose logits are O(1), so absolute tolerances and argmaxes mean something."""
+    return Transformer(dataclasses.replace(config, init_std=init_std), rngs=nnx.Rngs(seed))
+
+
+@nnx.jit
+def apply(model, tokens, positions=None, segment_ids=None, cache=None, rngs=None):
+    """The model call, compiled: one compilation per shape beats op-by-op dispatch on CPU."""
+    return model(tokens, positions, segment_ids, cache=cache, rngs=rngs)
+
+
+def random_tokens(shape, seed: int, vocab: int = 97) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=shape).astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------
+# Hugging Face reference models and weight copies
+# --------------------------------------------------------------------------------------
+
+
+def hf_model(family: str, cfg: TransformerConfig):
+    """A float32 HF model with every weight (norm scales and biases too) randomised."""
+    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, attn_implementation="eager")
+    if family == "gpt2":
+        hf_cfg = transformers.GPT2Config(
+            n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.d_ff,
+            n_positions=cfg.max_len, layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new",
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
+        )
+        cls = transformers.GPT2LMHeadModel
+    else:
+        config_cls, cls = {
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        }[family]
+        hf_cfg = config_cls(
+            hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_len,
+            rms_norm_eps=cfg.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+            **common,
+        )
+        assert hf_cfg.rope_parameters["rope_theta"] == cfg.rope_theta
+    torch.manual_seed(0)
+    model = cls(hf_cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm_scale = p.ndim == 1 and ("norm" in name or ".ln_" in name) and name.endswith("weight")
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if is_norm_scale else 0.2 * torch.randn_like(p))
+    return model
+
+
+def llama_params(sd: dict[str, np.ndarray], cfg: TransformerConfig) -> dict[tuple, np.ndarray]:
+    """LLaMA/Qwen2 state dict -> flanjax parameters. torch Linear weights are [out, in]."""
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
+    params = {("embed", "embedding"): sd["model.embed_tokens.weight"], ("final_norm", "scale"): sd["model.norm.weight"]}
+    if not cfg.tie_embeddings:
+        params["lm_head", "kernel"] = sd["lm_head.weight"].T
+    for i in range(cfg.num_layers):
+        src, dst = f"model.layers.{i}.", ("layers", i)
+        params[dst + ("attn_norm", "scale")] = sd[src + "input_layernorm.weight"]
+        params[dst + ("mlp_norm", "scale")] = sd[src + "post_attention_layernorm.weight"]
+        for name, heads in (("q", n), ("k", k), ("v", k)):
+            params[dst + ("attn", name, "kernel")] = sd[src + f"self_attn.{name}_proj.weight"].T.reshape(d, heads, h)
+            if cfg.qkv_bias:
+                params[dst + ("attn", name, "bias")] = sd[src + f"self_attn.{name}_proj.bias"].reshape(heads, h)
+        params[dst + ("attn", "o", "kernel")] = sd[src + "self_attn.o_proj.weight"].T.reshape(n, h, d)
+        for name in ("gate", "up", "down"):
+            params[dst + ("mlp", name, "kernel")] = sd[src + f"mlp.{name}_proj.weight"].T
+    return params
+
+
+def gpt2_params(sd: dict[str, np.ndarray], cfg: TransformerConfig) -> dict[tuple, np.ndarray]:
+    """GPT-2 state dict -> flanjax parameters. Conv1D weights are already [in, out]."""
+    d, n, h = cfg.d_model, cfg.num_heads, cfg.head_size
+    params = {
+        ("embed", "embedding"): sd["transformer.wte.weight"],
+        ("positions", "embedding"): sd["transformer.wpe.weight"],
+        ("final_norm", "scale"): sd["transformer.ln_f.weight"],
+        ("final_norm", "bias"): sd["transformer.ln_f.bias"],
+    }
+    for i in range(cfg.num_layers):
+        src, dst = f"transformer.h.{i}.", ("layers", i)
+        for hf_norm, norm in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
+            params[dst + (norm, "scale")] = sd[src + f"{hf_norm}.weight"]
+            params[dst + (norm, "bias")] = sd[src + f"{hf_norm}.bias"]
+        weights = np.split(sd[src + "attn.c_attn.weight"], 3, axis=1)
+        biases = np.split(sd[src + "attn.c_attn.bias"], 3)
+        for name, w, b in zip("qkv", weights, biases):
+            params[dst + ("attn", name, "kernel")] = w.reshape(d, n, h)
+            params[dst + ("attn", name, "bias")] = b.reshape(n, h)
+        params[dst + ("attn", "o", "kernel")] = sd[src + "attn.c_proj.weight"].reshape(n, h, d)
+        params[dst + ("attn", "o", "bias")] = sd[src + "attn.c_proj.bias"]
+        params[dst + ("mlp", "up", "kernel")] = sd[src + "mlp.c_fc.weight"]
+        params[dst + ("mlp", "up", "bias")] = sd[src + "mlp.c_fc.bias"]
+        params[dst + ("mlp", "down", "kernel")] = sd[src + "mlp.c_proj.weight"]
+        params[dst + ("mlp", "down", "bias")] = sd[src + "mlp.c_proj.bias"]
+    return params
+
+
+def load_params(model: Transformer, params: dict[tuple, np.ndarray]) -> None:
+    """Overwrite every parameter of `model`; each must be given exactly once, with its shape."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    assert {path for path, _ in flat} == set(params)
+    for path, var in flat:
+        assert var[...].shape == params[path].shape, path
+        var.set_value(jnp.asarray(params[path], var[...].dtype))
+    nnx.update(model, nnx.from_flat_state(flat))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_hugging_face(family):
+    cfg = FAMILIES[family]
+    hf = hf_model(family, cfg)
+    if family == "qwen2":  # the reference really has the biases we are testing
+        assert hf.model.layers[0].self_attn.q_proj.bias is not None
+    sd = {name: t.detach().numpy() for name, t in hf.state_dict().items()}
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    load_params(model, (gpt2_params if family == "gpt2" else llama_params)(sd, cfg))
+
+    tokens = random_tokens((2, 12), seed=1)
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(tokens).long()).logits.numpy()
+    logits, cache = apply(model, jnp.asarray(tokens))
+    assert cache is None
+    assert expected.std() > 0.5  # logits are O(1): the tolerance below is tight
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------------------
+# Packing, KV cache and greedy decoding against plain forward passes
+# --------------------------------------------------------------------------------------
+
+
+def forward(model, tokens, positions=None, segment_ids=None):
+    """Logits of a full forward pass without cache, as numpy."""
+    as_array = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
+    logits, _ = apply(model, as_array(tokens), as_array(positions), as_array(segment_ids))
+    return np.asarray(logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_segments_match_separate_sequences(family):
+    model = make_model(FAMILIES[family])
+    a, b = random_tokens(5, seed=2), random_tokens(6, seed=3)
+    padding = random_tokens(3, seed=4)  # arbitrary tokens in segment 0
+    tokens = np.concatenate([a, b, padding])[None]
+    positions = np.concatenate([np.arange(5), np.arange(6), np.arange(3)])[None]
+    segments = np.repeat([1, 2, 0], [5, 6, 3])[None]
+
+    packed = forward(model, tokens, positions, segments)[0]
+    np.testing.assert_allclose(packed[:5], forward(model, a[None])[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(packed[5:11], forward(model, b[None])[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("prompt_lengths", [(4, 4), (2, 6)])
+def test_kv_cache_matches_full_forward(family, prompt_lengths):
+    cfg = FAMILIES[family]
+    model = make_model(cfg)
+    steps, width = 4, 6  # prompts padded to a fixed width: fewer shapes to compile
+    sequences = [random_tokens(n + steps, seed=10 + i) for i, n in enumerate(prompt_lengths)]
+    expected = [forward(model, seq[None])[0] for seq in sequences]
+
+    # Prefill right-padded prompts (random tokens in the padding, segment 0 there).
+    prompts = random_tokens((2, width), seed=20)
+    segments = np.zeros((2, width), np.int32)
+    for row, (seq, n) in enumerate(zip(sequences, prompt_lengths)):
+        prompts[row, :n], segments[row, :n] = seq[:n], 1
+    positions = np.broadcast_to(np.arange(width), (2, width))
+    cache = KVCache.empty(cfg, batch=2, length=width + steps)
+    logits, cache = apply(model, jnp.asarray(prompts), jnp.asarray(positions), jnp.asarray(segments), cache)
+    for row, n in enumerate(prompt_lengths):
+        np.testing.assert_allclose(np.asarray(logits[row, :n]), expected[row][:n], atol=1e-5, rtol=0)
+
+    # Then one token at a time, each sequence at its own position.
+    for i in range(steps):
+        pos = np.array([[n + i] for n in prompt_lengths], np.int32)
+        token = np.array([[seq[n + i]] for seq, n in zip(sequences, prompt_lengths)], np.int32)
+        logits, cache = apply(model, jnp.asarray(token), jnp.asarray(pos), jnp.ones((2, 1), jnp.int32), cache)
+        for row, n in enumerate(prompt_lengths):
+            np.testing.assert_allclose(np.asarray(logits[row, 0]), expected[row][n + i], atol=1e-5, rtol=0)
+
+
+def reference_greedy(model, prompt: np.ndarray, max_new_tokens: int) -> tuple[list[int], float]:
+    """Argmax over full forward passes of the growing sequence; also the smallest top-2 margin."""
+    seq, margin = list(prompt), np.inf
+    for _ in range(max_new_tokens):
+        last = forward(model, np.array(seq)[None])[0, -1]
+        top2 = np.sort(last)[-2:]
+        margin = min(margin, top2[1] - top2[0])
+        seq.append(int(np.argmax(last)))
+    return seq[len(prompt):], margin
+
+
+def test_greedy_generate_matches_uncached_argmax():
+    model, new = make_model(LLAMA, seed=1), 5
+    lengths = np.array([2, 4, 3], np.int32)
+    prompts = random_tokens((3, 4), seed=30)  # tokens past each length are padding
+    expected, margins = zip(*(reference_greedy(model, p[:n], new) for p, n in zip(prompts, lengths)))
+    expected = np.array(expected)
+    assert min(margins) > 1e-3  # no near-ties: the argmax is well defined
+
+    graphdef, state = nnx.split(model)
+    generate = lambda eos: np.asarray(  # noqa: E731
+        greedy_generate(graphdef, state, jnp.asarray(prompts), jnp.asarray(lengths), max_new_tokens=new, eos_id=eos)
+    )
+    np.testing.assert_array_equal(generate(LLAMA.vocab_size), expected)  # an EOS never generated
+
+    # EOS: the second token of row 0. Each row keeps its tokens up to its first EOS, then 0.
+    eos = int(expected[0, 1])
+    after_eos = np.cumsum(np.cumsum(expected == eos, axis=1), axis=1) > 1  # strictly after the first EOS
+    assert after_eos[0, -1]  # the check below is not vacuous
+    np.testing.assert_array_equal(generate(eos), np.where(after_eos, 0, expected))
+
+
+# --------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------
+
+
+def test_rope_is_a_rotation_by_relative_position():
+    rng = np.random.default_rng(5)
+    q, k = (jnp.asarray(rng.normal(size=(1, 1, 2, 8)), jnp.float32) for _ in range(2))
+    rotate = lambda x, p: rope(x, jnp.array([[p]]), 100.0)  # noqa: E731
+    np.testing.assert_allclose(jnp.linalg.norm(rotate(q, 7)), jnp.linalg.norm(q), rtol=1e-5)
+    np.testing.assert_allclose(rotate(q, 0), q, atol=1e-6)
+    # <rope(q, m), rope(k, n)> depends on m - n only, per head.
+    dot = lambda m, n: jnp.sum(rotate(q, m) * rotate(k, n), axis=-1)  # noqa: E731
+    np.testing.assert_allclose(dot(5, 2), dot(13, 10), atol=1e-5)
+    assert not np.allclose(dot(5, 2), dot(5, 3), atol=1e-3)
+
+
+def test_attention_mask_matches_loops():
+    rng = np.random.default_rng(6)
+    qs, qp = rng.integers(0, 3, (2, 5)), rng.integers(0, 6, (2, 5))
+    ks, kp = rng.integers(0, 3, (2, 7)), rng.integers(0, 6, (2, 7))
+    expected = np.array(
+        [[[qs[b, t] == ks[b, s] and kp[b, s] <= qp[b, t] for s in range(7)] for t in range(5)] for b in range(2)]
+    )
+    np.testing.assert_array_equal(attention_mask(*map(jnp.asarray, (qs, qp, ks, kp))), expected)
+
+
+# --------------------------------------------------------------------------------------
+# Dropout, bfloat16, validation
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layers, bottom, top", [(4, 0.0, 0.3), (3, 0.1, 0.1), (3, 0.2, None), (1, 0.1, 0.3)])
+def test_residual_dropout_is_linear_in_depth(layers, bottom, top):
+    cfg = dataclasses.replace(LLAMA, num_layers=layers, residual_dropout=bottom, residual_dropout_top=top)
+    expected = np.linspace(bottom, bottom if top is None else top, layers) if layers > 1 else [bottom]
+    np.testing.assert_allclose(cfg.residual_dropout_rates(), expected, atol=1e-12)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose([block.dropout.rate for block in model.layers], expected, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "dropout",
+    [dict(embed_dropout=0.2), dict(attention_dropout=0.2), dict(residual_dropout=0.1, residual_dropout_top=0.3)],
+    ids=["embed", "attention", "residual"],
+)
+def test_dropout_is_deterministic_without_rngs(dropout):
+    model = make_model(dataclasses.replace(LLAMA, **dropout))
+    plain = make_model(LLAMA)  # same seed, same parameters, no dropout
+    tokens = jnp.asarray(random_tokens((2, 8), seed=7))
+    run = lambda m, rngs=None: np.asarray(apply(m, tokens, rngs=rngs)[0])  # noqa: E731
+
+    np.testing.assert_array_equal(run(model), run(plain))
+    np.testing.assert_array_equal(run(model, nnx.Rngs(dropout=1)), run(model, nnx.Rngs(dropout=1)))
+    assert not np.allclose(run(model, nnx.Rngs(dropout=1)), run(model, nnx.Rngs(dropout=2)))
+    assert not np.allclose(run(model, nnx.Rngs(dropout=1)), run(model))
+
+
+def test_attention_dropout_path_matches_fused_attention_at_rate_zero():
+    """The hand-written attention used for attention dropout agrees with the fused one (GQA)."""
+    model = make_model(dataclasses.replace(LLAMA, attention_dropout=0.2))
+    for block in model.layers:
+        block.attn.dropout.rate = 0.0  # keep the hand-written path, drop nothing
+    tokens = jnp.asarray(random_tokens((2, 8), seed=8))
+    segments = jnp.asarray(np.repeat([[1, 2]], 4, axis=1))  # two packed segments per row
+    positions = jnp.asarray(np.tile(np.arange(4), (2, 2)))
+    manual = apply(model, tokens, positions, segments, rngs=nnx.Rngs(dropout=0))[0]
+    fused = apply(model, tokens, positions, segments)[0]
+    np.testing.assert_allclose(np.asarray(manual), np.asarray(fused), atol=1e-5, rtol=0)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model32 = make_model(LLAMA)
+    model16 = make_model(dataclasses.replace(LLAMA, dtype="bfloat16"))
+    params = nnx.to_flat_state(nnx.state(model16, nnx.Param))
+    assert all(var[...].dtype == jnp.float32 for _, var in params)
+
+    tokens = jnp.asarray(random_tokens((2, 8), seed=9))
+    logits16, logits32 = apply(model16, tokens)[0], np.asarray(apply(model32, tokens)[0])
+    assert logits16.dtype == jnp.bfloat16
+    error = np.abs(np.asarray(logits16, np.float32) - logits32).max()
+    assert 0 < error < 5e-2 * np.abs(logits32).max()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(num_heads=4, num_kv_heads=3), "multiple of num_kv_heads"), (dict(d_model=30, num_heads=4), "head_dim")],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TransformerConfig(**{**dict(vocab_size=97, d_model=32, num_layers=2, num_heads=4, d_ff=64), **kwargs})
