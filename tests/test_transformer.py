@@ -339,6 +339,19 @@ def test_bfloat16_compute_keeps_float32_params():
 
 
 @pytest.mark.parametrize(
+    "config",
+    [*FAMILIES.values(), dataclasses.replace(LLAMA, use_bias=True, norm="layer", head_dim=4)],
+    ids=[*FAMILIES, "llama_with_biases"],
+)
+def test_num_params_counts_every_parameter(config):
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    sizes = {path: var.get_value().size for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    embeddings = sum(size for path, size in sizes.items() if path[0] in ("embed", "positions", "lm_head"))
+    assert config.num_params() == sum(sizes.values())
+    assert config.num_params(include_embeddings=False) == sum(sizes.values()) - embeddings
+
+
+@pytest.mark.parametrize(
     "kwargs, message",
     [(dict(num_heads=4, num_kv_heads=3), "multiple of num_kv_heads"), (dict(d_model=30, num_heads=4), "head_dim")],
 )

@@ -91,11 +91,17 @@ class TransformerConfig:
         d, f, n, k, h = self.d_model, self.d_ff, self.num_heads, self.kv_heads, self.head_size
         attn = d * n * h * 2 + d * k * h * 2
         mlp = d * f * (3 if self.mlp == "swiglu" else 2)
-        per_layer = attn + mlp + 2 * d
+        if self.use_bias or self.qkv_bias:
+            attn += (n + 2 * k) * h
+        if self.use_bias:
+            attn += d
+            mlp += f * (2 if self.mlp == "swiglu" else 1) + d
+        norm = d * (2 if self.norm == "layer" else 1)  # LayerNorm has a bias too
+        per_layer = attn + mlp + 2 * norm
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         if self.position == "learned":
             embed += self.max_len * d
-        return self.num_layers * per_layer + d + (embed if include_embeddings else 0)
+        return self.num_layers * per_layer + norm + (embed if include_embeddings else 0)
 
 
 class KVCache(NamedTuple):
