@@ -308,25 +308,30 @@ def _fields_dataset_fn(split, shuffle_files, seed=None):
 
 
 @pytest.fixture
-def templated_task(register_task) -> str:
-    text = seqio.PassThroughVocabulary(size=0)
-    features = {
-        "inputs": seqio.Feature(text, dtype=tf.string, rank=0, add_eos=False),
-        "targets": seqio.Feature(text, dtype=tf.string, rank=0, add_eos=False),
-    }
-    return register_task("templated", _fields_dataset_fn, features, [templates_preprocessor(TEMPLATES)])
+def templated_task(register_task):
+    def register(template_seed: int = 0) -> str:
+        text = seqio.PassThroughVocabulary(size=0)
+        features = {
+            "inputs": seqio.Feature(text, dtype=tf.string, rank=0, add_eos=False),
+            "targets": seqio.Feature(text, dtype=tf.string, rank=0, add_eos=False),
+        }
+        preprocessor = templates_preprocessor(TEMPLATES, seed=template_seed)
+        return register_task(f"templated_{template_seed}", _fields_dataset_fn, features, [preprocessor])
+
+    return register
 
 
-def _rendered(task_name: str, seed: int) -> list[tuple[int, str, str]]:
+def _rendered(task_name: str, seed: int, shuffle: bool = False) -> list[tuple[int, str, str]]:
     ds = seqio.get_mixture_or_task(task_name).get_dataset(
-        sequence_length=None, split="train", shuffle=False, seed=seed
+        sequence_length=None, split="train", shuffle=shuffle, seed=seed
     )
     return [(int(x["template"]), x["inputs"].decode(), x["targets"].decode()) for x in ds.as_numpy_iterator()]
 
 
 def test_templates_preprocessor_reproducible_choice(templated_task):
-    first = _rendered(templated_task, seed=5)
-    assert first == _rendered(templated_task, seed=5)
+    task = templated_task()
+    first = _rendered(task, seed=5)
+    assert first == _rendered(task, seed=5)
     assert len(first) == len(FIELD_EXAMPLES)
     # Each example is its template rendered by str.format on its own fields.
     for (choice, inputs, targets), fields in zip(first, FIELD_EXAMPLES):
@@ -335,8 +340,11 @@ def test_templates_preprocessor_reproducible_choice(templated_task):
     counts = collections.Counter(choice for choice, _, _ in first)
     assert sorted(counts) == list(range(len(TEMPLATES)))
     assert min(counts.values()) >= 25
-    # Another seed draws other templates.
-    other = [choice for choice, _, _ in _rendered(templated_task, seed=6)]
+    # The choice belongs to the example, not to its place in the stream: shuffling (or
+    # sharding over hosts) renders every example the same way.
+    assert sorted(_rendered(task, seed=6, shuffle=True)) == sorted(first)
+    # Another template seed draws other templates.
+    other = [choice for choice, _, _ in _rendered(templated_task(template_seed=1), seed=5)]
     assert other != [choice for choice, _, _ in first]
 
 

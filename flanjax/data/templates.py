@@ -3,8 +3,9 @@
 A template is a pair of format strings over an example's flat text fields, e.g.
 `Template("What is {a} plus {b}?", "{answer}")`. Fields are written `{name}`; literal
 braces are doubled (`{{`, `}}`), as in `str.format`. Each example gets one template chosen
-by a stateless draw from seqio's per-preprocessor seed: the choice is reproducible for a
-given pipeline seed.
+by a keyed hash of its own fields: the choice is reproducible and does not depend on the
+example's position in the stream, so any sharding over hosts or shuffling of the data
+renders every example the same way.
 """
 
 from __future__ import annotations
@@ -80,13 +81,20 @@ def render_tf(pattern: str, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
     return tf.strings.join(parts) if parts else tf.constant("")
 
 
-def templates_preprocessor(templates: Sequence[Template]):
-    """A seqio preprocessor: flat text fields -> {"inputs", "targets", "template"}."""
+def templates_preprocessor(templates: Sequence[Template], seed: int = 0):
+    """A seqio preprocessor: flat text fields -> {"inputs", "targets", "template"}.
+
+    `seed` keys the hash that picks each example's template.
+    """
     templates = tuple(templates)
 
-    @seqio.map_over_dataset(num_seeds=1)
-    def apply(example, seed):
-        choice = tf.random.stateless_uniform([], seed, 0, len(templates), dtype=tf.int32)
+    @seqio.map_over_dataset
+    def apply(example):
+        text = [example[k] for k in sorted(example) if example[k].dtype == tf.string and example[k].shape.rank == 0]
+        content = tf.strings.reduce_join(tf.stack(text), separator="\x1f")
+        choice = tf.cast(
+            tf.strings.to_hash_bucket_strong(content, len(templates), key=[seed, 0x7E3]), tf.int32
+        )
         branches = [
             (lambda t=t: tf.stack([render_tf(t.inputs, example), render_tf(t.targets, example)]))
             for t in templates
