@@ -30,7 +30,7 @@ def main():
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps")
+    p.add_argument("--warmup", type=int, default=4, help="untimed steps (torch settles after ~4)")
     p.add_argument("--threads", type=int, default=None, help="default: torch's")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

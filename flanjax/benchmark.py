@@ -14,12 +14,11 @@ import time
 import jax
 import numpy as np
 import optax
-from flax import nnx
 
-from flanjax.models.transformer import Transformer, TransformerConfig
+from flanjax.models.transformer import TransformerConfig
 from flanjax.sharding import MeshConfig, Partitioner
 from flanjax.train import throughput
-from flanjax.train.steps import make_lm_train_step
+from flanjax.train.steps import compile_lm_train_step, lm_init
 
 
 def synthetic_lm_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -46,21 +45,9 @@ def bench_train(
 ) -> dict:
     """Times the full training step (forward, backward, AdamW update) on synthetic tokens."""
     partitioner = Partitioner.from_config(mesh)
-    tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1)
-
-    def init():
-        model = Transformer(config, rngs=nnx.Rngs(0))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
+    init = lm_init(config, optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1))
     graphdef, abstract = partitioner.abstract_state(init)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    batch_sharding = partitioner.batch_sharding(2)
-    step = jax.jit(
-        make_lm_train_step(graphdef),
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, None),
-        donate_argnums=0,
-    )
+    step = compile_lm_train_step(partitioner, graphdef, abstract)
     batch = partitioner.shard_batch(synthetic_lm_batch(batch_size, seq_len, config.vocab_size))
     times = []
     with partitioner.activate():

@@ -3,16 +3,16 @@
 Importing this module registers five seqio tasks, each with several instruction templates,
 and the mixture `quickstart`:
 
-    quickstart_reverse  reverse a list of words
+    quickstart_max      find the largest digit in a list
     quickstart_sort     sort a list of digits
-    quickstart_add      add two numbers
+    quickstart_add      add a digit to a number
     quickstart_count    count the words in a list
     quickstart_lookup   read a value off a small key-value table
 
 Every problem is assigned to `train` or `validation` by a hash of its content, so the
 held-out problems are never seen in training. The tokenizer is a small byte-level BPE
 trained on the tasks' own text the first time it is needed (cached under
-$FLANJAX_CACHE, default ~/.cache/flanjax).
+$FLANJAX_CACHE, default ~/.cache/flanjax, keyed by that text).
 """
 
 from __future__ import annotations
@@ -34,30 +34,26 @@ from flanjax.eval.metrics import exact_match
 
 NUM_EXAMPLES = {"train": 20_000, "validation": 200}
 HELD_OUT_BUCKETS = 10  # one problem in ten is reserved for validation
-TOKENIZER_VERSION = "v1"
 
-WORDS = (
-    "apple bird cat dog egg fish goat hat ink jam kite lamp moon nest owl pen queen rose sun "
-    "tree umbrella van whale box yarn zebra red blue green gold"
-).split()
+WORDS = "apple bird cat dog egg fish goat hat ink jam kite lamp moon nest owl pen rose sun tree van".split()
 KEYS = tuple("abcdefghjkmnpqrstuvwxyz")
 
 
 # --- problem generators: rng -> flat text fields -------------------------------------------
 
 
-def _reverse(rng: random.Random) -> dict[str, str]:
-    items = rng.choices(WORDS, k=rng.randint(3, 6))
-    return {"items": " ".join(items), "answer": " ".join(reversed(items))}
+def _max(rng: random.Random) -> dict[str, str]:
+    numbers = [rng.randint(0, 9) for _ in range(rng.randint(3, 6))]
+    return {"items": ", ".join(map(str, numbers)), "answer": str(max(numbers))}
 
 
 def _sort(rng: random.Random) -> dict[str, str]:
-    digits = [rng.randint(0, 9) for _ in range(rng.randint(3, 7))]
+    digits = [rng.randint(0, 9) for _ in range(rng.randint(3, 6))]
     return {"items": " ".join(map(str, digits)), "answer": " ".join(map(str, sorted(digits)))}
 
 
 def _add(rng: random.Random) -> dict[str, str]:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = rng.randint(0, 99), rng.randint(0, 9)
     return {"a": str(a), "b": str(b), "answer": str(a + b)}
 
 
@@ -67,7 +63,7 @@ def _count(rng: random.Random) -> dict[str, str]:
 
 
 def _lookup(rng: random.Random) -> dict[str, str]:
-    keys = rng.sample(KEYS, rng.randint(3, 5))
+    keys = rng.sample(KEYS, rng.randint(2, 4))
     table = {k: str(rng.randint(0, 9)) for k in keys}
     key = rng.choice(keys)
     return {
@@ -78,13 +74,13 @@ def _lookup(rng: random.Random) -> dict[str, str]:
 
 
 TASKS: dict[str, tuple[Callable[[random.Random], dict[str, str]], tuple[Template, ...]]] = {
-    "quickstart_reverse": (
-        _reverse,
+    "quickstart_max": (
+        _max,
         (
-            Template("Reverse the order of these words: {items}\nAnswer:", " {answer}"),
-            Template("Write this list backwards.\n{items}\n", "{answer}"),
-            Template("{items}\nWhat is the list above in reverse order?", " {answer}"),
-            Template("Here are some words: {items}. Read them from last to first:", " {answer}"),
+            Template("Which digit is the largest: {items}?", " {answer}"),
+            Template("Find the maximum of these digits.\n{items}\nAnswer:", " {answer}"),
+            Template("{items}\nWhat is the biggest number above?", " {answer}"),
+            Template("Here is a list of digits: {items}. Name the largest one.", " {answer}"),
         ),
     ),
     "quickstart_sort": (
@@ -164,7 +160,9 @@ def _corpus() -> list[str]:
 def tokenizer_dir() -> str:
     """Directory of the quickstart tokenizer, trained on first use (atomic, process-safe)."""
     cache = os.environ.get("FLANJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flanjax"))
-    path = os.path.join(cache, f"quickstart_tokenizer_{TOKENIZER_VERSION}")
+    corpus = _corpus()
+    # Keyed by the corpus: editing the tasks retrains the tokenizer instead of reusing a stale one.
+    path = os.path.join(cache, f"quickstart_tokenizer_{hashlib.sha1(chr(0).join(corpus).encode()).hexdigest()[:12]}")
     if os.path.isdir(path):
         return path
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -181,7 +179,7 @@ def tokenizer_dir() -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     os.makedirs(cache, exist_ok=True)
     staging = tempfile.mkdtemp(dir=cache, prefix=".tokenizer-")

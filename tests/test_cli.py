@@ -68,8 +68,8 @@ def test_missing_required_macro_is_named(tmp_path, capsys):
 
 
 def test_unknown_task_suggests_near_names(tmp_path, capsys):
-    assert run_cli(train_args(tmp_path, 2, "--gin.MIXTURE_OR_TASK_NAME=quickstart_revers")) == 1
-    assert "quickstart_reverse" in capsys.readouterr().err
+    assert run_cli(train_args(tmp_path, 2, "--gin.MIXTURE_OR_TASK_NAME=quickstart_maxx")) == 1
+    assert "quickstart_max" in capsys.readouterr().err
 
 
 def test_mesh_that_does_not_divide_the_devices(tmp_path, capsys):

@@ -495,21 +495,21 @@ def quickstart():
 
 
 def test_unknown_name_suggests_close_match(quickstart, batches):
-    assert isinstance(get_task_or_mixture("quickstart_reverse"), seqio.Task)
+    assert isinstance(get_task_or_mixture("quickstart_max"), seqio.Task)
     assert isinstance(get_task_or_mixture("quickstart"), seqio.Mixture)
     with pytest.raises(TaskNotFoundError) as e:
-        get_task_or_mixture("quickstart_revers")
-    assert "quickstart_reverse" in str(e.value)
+        get_task_or_mixture("quickstart_maxx")
+    assert "quickstart_max" in str(e.value)
     assert isinstance(e.value, KeyError)
     with pytest.raises(TaskNotFoundError, match="quickstart_sort"):
         batches("quickstart_sortt", {"inputs": 8, "targets": 8}, batch_size=1)
 
 
-@pytest.mark.parametrize("name", ["quickstart_reverse", "quickstart_sort", "quickstart_add",
+@pytest.mark.parametrize("name", ["quickstart_max", "quickstart_sort", "quickstart_add",
                                   "quickstart_count", "quickstart_lookup"])
 def test_quickstart_task(quickstart, name):
     assert set(quickstart.TASKS) == {
-        "quickstart_reverse", "quickstart_sort", "quickstart_add", "quickstart_count", "quickstart_lookup"
+        "quickstart_max", "quickstart_sort", "quickstart_add", "quickstart_count", "quickstart_lookup"
     }
     make, templates = quickstart.TASKS[name]
     train = quickstart.generate(name, "train")

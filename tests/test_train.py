@@ -18,7 +18,7 @@ from flanjax.train import optim
 from flanjax.train.checkpoint import CheckpointConfig, CheckpointMismatchError, Checkpointer
 from flanjax.train.loop import LoopConfig, NonFiniteLossError, TrainLoop
 from flanjax.train.metrics import MetricsLog, read_metrics
-from flanjax.train.steps import make_lm_train_step
+from flanjax.train.steps import compile_lm_train_step, lm_init
 
 TINY = TransformerConfig(
     vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64, max_len=64,
@@ -27,19 +27,9 @@ TINY = TransformerConfig(
 
 
 def compiled_step(partitioner, config=TINY, num_microbatches=1):
-    tx = optax.adamw(1e-2)
-
-    def init():
-        model = Transformer(config, rngs=nnx.Rngs(0))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
+    init = lm_init(config, optax.adamw(1e-2))
     graphdef, abstract = partitioner.abstract_state(init)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    step = jax.jit(
-        make_lm_train_step(graphdef, num_microbatches=num_microbatches, seed=3),
-        in_shardings=(shardings, partitioner.batch_sharding(2)),
-        out_shardings=(shardings, None),
-    )
+    step = compile_lm_train_step(partitioner, graphdef, abstract, num_microbatches=num_microbatches, seed=3)
     with partitioner.activate():
         state = partitioner.create(init, abstract)
     return step, state

@@ -66,7 +66,8 @@ def plot_metrics(
         if points:
             # A resumed run appends: keep the last value written for each step.
             xs, ys = zip(*sorted(dict(points).items()))
-            ax.plot(xs, ys, label=key, marker="." if len(xs) < 30 else None)
+            sparse = len(xs) < 30  # e.g. evaluations: show the points, dash what joins them
+            ax.plot(xs, ys, label=key, marker="o" if sparse else None, linestyle="--" if sparse else "-")
     ax.set_xlabel("step")
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)

@@ -25,7 +25,7 @@ from flanjax.train.checkpoint import CheckpointConfig, Checkpointer
 from flanjax.train.loop import LoopConfig, LoopResult, TrainLoop
 from flanjax.train.metrics import MetricsLog, console, plot_metrics
 from flanjax.train.optim import OptimizerConfig, make_optimizer, make_schedule
-from flanjax.train.steps import make_lm_eval_step, make_lm_train_step
+from flanjax.train.steps import compile_lm_train_step, lm_init, make_lm_eval_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,28 +63,17 @@ def train(
     )
     check_vocabulary(mixture_or_task_name, model.vocab_size)
 
-    tx = make_optimizer(optimizer, loop.num_steps)
-
-    def init():
-        m = Transformer(model, rngs=nnx.Rngs(params=seed))
-        return m, nnx.Optimizer(m, tx, wrt=nnx.Param)
-
+    init = lm_init(model, make_optimizer(optimizer, loop.num_steps), seed)
     graphdef, abstract_state = partitioner.abstract_state(init)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
     model_graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(model, rngs=nnx.Rngs(0))))[0]
-
-    batch_sharding = partitioner.batch_sharding(2)
-    step_fn = jax.jit(
-        make_lm_train_step(graphdef, z_loss=z_loss, num_microbatches=num_microbatches, seed=seed),
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, None),
-        donate_argnums=0,
+    step_fn = compile_lm_train_step(
+        partitioner, graphdef, abstract_state, z_loss=z_loss, num_microbatches=num_microbatches, seed=seed
     )
 
     hooks = {}
     if validation is not None:
         hooks["eval"] = _validation_hook(
-            graphdef, shardings, partitioner, batch_sharding,
+            partitioner, graphdef, abstract_state,
             SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process,
                          split=validation.split, shuffle=False, pack=pack, num_epochs=1),
             validation.num_batches,
@@ -125,8 +114,9 @@ def train(
     return result
 
 
-def _validation_hook(graphdef, shardings, partitioner, batch_sharding, source: SeqioBatches, num_batches: int):
-    step_fn = jax.jit(make_lm_eval_step(graphdef), in_shardings=(shardings, batch_sharding))
+def _validation_hook(partitioner: Partitioner, graphdef, abstract_state, source: SeqioBatches, num_batches: int):
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+    step_fn = jax.jit(make_lm_eval_step(graphdef), in_shardings=(shardings, partitioner.batch_sharding(2)))
 
     def hook(step: int, state) -> dict[str, float]:
         totals: dict[str, float] = {}

@@ -15,9 +15,32 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from flanjax.models.transformer import Transformer, TransformerConfig
+from flanjax.sharding import Partitioner
 from flanjax.train.objectives import TokenStats, token_cross_entropy
 
 Batch = Mapping[str, jax.Array]
+
+
+def lm_init(config: TransformerConfig, tx: optax.GradientTransformation, seed: int = 0):
+    """The function building a fresh (model, optimizer): pass it to `Partitioner.create`."""
+
+    def init():
+        model = Transformer(config, rngs=nnx.Rngs(params=seed))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    return init
+
+
+def compile_lm_train_step(partitioner: Partitioner, graphdef: nnx.GraphDef, abstract_state, **kwargs):
+    """`make_lm_train_step` jitted with the state's shardings (state buffers donated)."""
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+    return jax.jit(
+        make_lm_train_step(graphdef, **kwargs),
+        in_shardings=(shardings, partitioner.batch_sharding(2)),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
 
 
 def lm_stats(model: nnx.Module, batch: Batch, rngs: nnx.Rngs | None, z_loss: float = 0.0) -> TokenStats:
