@@ -116,9 +116,12 @@ def model_config(name: str, bindings: list[str]):
     """The `MODEL` of configs/models/NAME.gin (or of a gin file path), with overrides."""
     import gin
 
+    from flanjax import cli  # this module by its import name, also under `python -m`
+
     path = name if name.endswith(".gin") else os.path.join("configs", "models", f"{name}.gin")
-    parse_gin([path], [*bindings, "from __gin__ import dynamic_registration\nfrom flanjax import cli\ncli.configured_value.value = %MODEL"])
-    return gin.get_configurable(configured_value)()
+    read_model = "from __gin__ import dynamic_registration\nfrom flanjax import cli\ncli.configured_value.value = %MODEL"
+    parse_gin([path], [*bindings, read_model])
+    return gin.get_configurable(cli.configured_value)()
 
 
 def configured_value(value):

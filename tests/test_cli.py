@@ -214,6 +214,14 @@ def test_kill_during_a_save_leaves_no_checkpoint_to_mistake_for_good(tmp_path):
     assert not any("tmp" in p for p in os.listdir(ckpts))  # leftovers cleaned up
 
 
+def test_bench_train_prints_one_json_object(capsys):
+    gin.clear_config(clear_constants=True)
+    assert cli.main(["bench", "train", "--model=tiny", "--batch_size=8", "--seq_len=32", "--steps=2", "--warmup=1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens_per_s"] == pytest.approx(8 * 32 / result["step_time_s"])
+    assert 0 < result["mfu"] and result["peak_rss_mb"] > 0 and result["params"] > 0
+
+
 def test_tasks_list_prints_registered_names(capsys):
     assert cli.main(["tasks", "list", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
