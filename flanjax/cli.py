@@ -83,9 +83,9 @@ def cmd_train(args: argparse.Namespace, bindings: list[str]) -> int:
         _write(model_dir, "config.gin", gin.config_str())
     try:
         result = train()
-    except TypeError as e:
-        if "required keyword-only argument" in str(e) or "missing" in str(e):
-            raise UsageError(f"{e}. Bind it in a gin file or with --gin.train.NAME=VALUE.") from None
+    except TypeError as e:  # a run file that leaves one of train()'s arguments unbound
+        if "required keyword-only argument" in str(e):
+            raise UsageError(f"{e}. Bind it in a gin file or with --gin.run.train.NAME=VALUE.") from None
         raise
     if model_dir:
         _write(model_dir, "operative_config.gin", gin.operative_config_str())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shlex
 import sys
 import time
@@ -130,14 +131,8 @@ class TrainLoop:
                 task = progress.add_task("train", total=cfg.num_steps, completed=step, metrics="")
                 while step < cfg.num_steps:
                     if watch.should_stop(step):
-                        self._save(step, state)
-                        self.checkpointer.wait()
+                        self._stop_for_preemption(step, state)
                         result.preempted = True
-                        console.print(
-                            f"[bold yellow]Pre-empted (SIGTERM) at step {step}; checkpoint saved to "
-                            f"{self.checkpointer.directory}.[/] Resume with the same command:\n  "
-                            + " ".join(shlex.quote(a) for a in [sys.argv[0].split("/")[-1], *sys.argv[1:]])
-                        )
                         break
                     batch = self.partitioner.shard_batch(next(self.batches))
                     state, step_metrics = self.step_fn(state, batch)
@@ -197,7 +192,17 @@ class TrainLoop:
         )
 
     def _save(self, step: int, state: Any) -> None:
-        self.checkpointer.save(step, state, self.batches.get_state())
+        if self.checkpointer.latest_step() != step:  # a periodic save may have just written it
+            self.checkpointer.save(step, state, self.batches.get_state())
+
+    def _stop_for_preemption(self, step: int, state: Any) -> None:
+        self._save(step, state)
+        self.checkpointer.wait()
+        command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0]), *sys.argv[1:]])
+        console.print(
+            f"[bold yellow]Pre-empted (SIGTERM) at step {step}; checkpoint saved to "
+            f"{self.checkpointer.directory}.[/] Resume with the same command:\n  {command}"
+        )
 
     def _log(self, step: int, window, timed: int, elapsed: float, progress: Progress, task) -> None:
         scalars = _reduce(window)
