@@ -81,6 +81,13 @@ def decoder_converter(pack: bool) -> seqio.FeatureConverter:
     return seqio.DecoderFeatureConverter(pack=pack, loss_on_targets_only=True)
 
 
+def model_feature_lengths(task_feature_lengths: Mapping[str, int], pack: bool) -> dict[str, int]:
+    """Length of every feature a batch holds (the keys `SeqioBatches` yields)."""
+    lengths = dict(decoder_converter(pack).get_model_feature_lengths(task_feature_lengths))
+    width = lengths["decoder_target_tokens"]
+    return {**lengths, "decoder_segment_ids": width, "decoder_positions": width}
+
+
 def _fill_unpacked(features: dict) -> dict:
     if "decoder_segment_ids" not in features:
         length = tf.shape(features["decoder_target_tokens"])[-1]

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from rich.table import Table
 
-from flanjax.data.pipeline import SeqioBatches, check_vocabulary, get_task_or_mixture
+from flanjax.data.pipeline import SeqioBatches, check_vocabulary, get_task_or_mixture, model_feature_lengths
 from flanjax.eval.evaluator import GenerationEvalConfig, GenerationEvaluator
 from flanjax.models.transformer import Transformer, TransformerConfig
 from flanjax.sharding import MeshConfig, Partitioner
@@ -69,6 +69,9 @@ def train(
     step_fn = compile_lm_train_step(
         partitioner, graphdef, abstract_state, z_loss=z_loss, num_microbatches=num_microbatches, seed=seed
     )
+    with partitioner.activate():
+        lengths = model_feature_lengths(task_feature_lengths, pack)
+        step_fn = _compile_ahead(step_fn, partitioner, abstract_state, batch_size, lengths)
 
     hooks = {}
     if validation is not None:
@@ -112,6 +115,22 @@ def train(
         console.print(f"Loss curve: {png}")
         _print_eval_table(result)
     return result
+
+
+def _compile_ahead(step_fn, partitioner: Partitioner, abstract_state, batch_size: int, lengths: Mapping[str, int]):
+    """Compiles the step before any data is read and reports its memory (MaxText style)."""
+    sharding = partitioner.batch_sharding(2)
+    batch = {k: jax.ShapeDtypeStruct((batch_size, n), np.int32, sharding=sharding) for k, n in lengths.items()}
+    compiled = step_fn.lower(abstract_state, batch).compile()
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
+        console.print(
+            f"Compiled train step, per device: {mib(memory.argument_size_in_bytes)} arguments, "
+            f"{mib(memory.output_size_in_bytes)} outputs ({mib(memory.alias_size_in_bytes)} reused in place), "
+            f"{mib(memory.temp_size_in_bytes)} temporaries"
+        )
+    return compiled
 
 
 def _validation_hook(partitioner: Partitioner, graphdef, abstract_state, source: SeqioBatches, num_batches: int):
