@@ -126,6 +126,11 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def shardings_of(abstract_state: Any) -> Any:
+    """The NamedShardings carried by an abstract state's leaves (see `Partitioner.abstract_state`)."""
+    return jax.tree.map(lambda a: a.sharding, abstract_state)
+
+
 class Partitioner:
     """Owns the mesh and the rules: shardings for states and batches, sharded creation."""
 
@@ -166,9 +171,8 @@ class Partitioner:
 
     def create(self, init_fn: Callable[[], Any], abstract_state: Any) -> Any:
         """Builds `init_fn()`'s state directly in its shardings: no unsharded copy anywhere."""
-        shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
         with self.activate():
-            return jax.jit(lambda: nnx.state(init_fn()), out_shardings=shardings)()
+            return jax.jit(lambda: nnx.state(init_fn()), out_shardings=shardings_of(abstract_state))()
 
     def check_parameters(self, abstract_state: Any) -> None:
         """Fails at start-up, naming the parameter, if an axis is unnamed, unknown or uneven."""

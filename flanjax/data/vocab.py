@@ -34,8 +34,9 @@ class HFVocabulary(seqio.Vocabulary):
         self._path = path
         super().__init__(extra_ids=extra_ids)
 
-    @property
+    @functools.cached_property
     def path(self) -> str:
+        # Resolved once: seqio hashes and compares vocabularies, and a callable may build files.
         return str(self._path() if callable(self._path) else self._path)
 
     @functools.cached_property

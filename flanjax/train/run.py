@@ -16,10 +16,10 @@ import numpy as np
 from flax import nnx
 from rich.table import Table
 
-from flanjax.data.pipeline import SeqioBatches, check_vocabulary, get_task_or_mixture, model_feature_lengths
+from flanjax.data.pipeline import SeqioBatches, check_vocabulary, model_feature_lengths
 from flanjax.eval.evaluator import GenerationEvalConfig, GenerationEvaluator
 from flanjax.models.transformer import Transformer, TransformerConfig
-from flanjax.sharding import MeshConfig, Partitioner
+from flanjax.sharding import MeshConfig, Partitioner, shardings_of
 from flanjax.train import throughput
 from flanjax.train.checkpoint import CheckpointConfig, Checkpointer
 from flanjax.train.loop import LoopConfig, LoopResult, TrainLoop
@@ -55,7 +55,6 @@ def train(
 ) -> LoopResult:
     """Trains `model` on `mixture_or_task_name` for `loop.num_steps` steps of `batch_size`
     sequences (global), resuming from `model_dir` if it holds checkpoints."""
-    get_task_or_mixture(mixture_or_task_name)
     partitioner = Partitioner.from_config(mesh)
     per_process = partitioner.per_process_batch_size(batch_size)
     batches = SeqioBatches(
@@ -134,8 +133,9 @@ def _compile_ahead(step_fn, partitioner: Partitioner, abstract_state, batch_size
 
 
 def _validation_hook(partitioner: Partitioner, graphdef, abstract_state, source: SeqioBatches, num_batches: int):
-    shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
-    step_fn = jax.jit(make_lm_eval_step(graphdef), in_shardings=(shardings, partitioner.batch_sharding(2)))
+    step_fn = jax.jit(
+        make_lm_eval_step(graphdef), in_shardings=(shardings_of(abstract_state), partitioner.batch_sharding(2))
+    )
 
     def hook(step: int, state) -> dict[str, float]:
         totals: dict[str, float] = {}

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from flanjax.models.transformer import Transformer, TransformerConfig
-from flanjax.sharding import Partitioner
+from flanjax.sharding import Partitioner, shardings_of
 from flanjax.train.objectives import TokenStats, token_cross_entropy
 
 Batch = Mapping[str, jax.Array]
@@ -34,7 +34,7 @@ def lm_init(config: TransformerConfig, tx: optax.GradientTransformation, seed: i
 
 def compile_lm_train_step(partitioner: Partitioner, graphdef: nnx.GraphDef, abstract_state, **kwargs):
     """`make_lm_train_step` jitted with the state's shardings (state buffers donated)."""
-    shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+    shardings = shardings_of(abstract_state)
     return jax.jit(
         make_lm_train_step(graphdef, **kwargs),
         in_shardings=(shardings, partitioner.batch_sharding(2)),
