@@ -20,9 +20,7 @@ import time
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
-
-ATTN_IMPL = "sdpa"
+from hf_bench_27m import bench_27m
 
 
 def main():
@@ -37,15 +35,8 @@ def main():
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-
-    config = LlamaConfig(
-        vocab_size=8192, hidden_size=512, intermediate_size=1408,
-        num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
-        max_position_embeddings=max(2048, args.seq_len), rope_theta=10000.0,
-        rms_norm_eps=1e-6, tie_word_embeddings=False, attention_dropout=0.0,
-        attn_implementation=ATTN_IMPL)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = bench_27m(args.seq_len, args.seed)
+    config = model.config
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,

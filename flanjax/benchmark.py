@@ -15,7 +15,10 @@ import jax
 import numpy as np
 import optax
 
-from flanjax.models.transformer import TransformerConfig
+from flax import nnx
+
+from flanjax.decode import SamplingConfig, generate, score
+from flanjax.models.transformer import Transformer, TransformerConfig
 from flanjax.sharding import MeshConfig, Partitioner
 from flanjax.train import throughput
 from flanjax.train.steps import compile_lm_train_step, lm_init
@@ -76,8 +79,103 @@ def bench_train(
         "peak_flops": peak,
         "first_step_s": compile_s,
         "final_loss": float(metrics["loss_sum"] / metrics["weight_sum"]),
+        **_environment(),
+    }
+
+
+def _environment() -> dict:
+    return {
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "devices": jax.device_count(),
         "device_kind": jax.devices()[0].device_kind,
         "jax_version": jax.__version__,
+    }
+
+
+def _median_seconds(fn, repeats: int, warmup: int) -> float:
+    times = []
+    for _ in range(warmup + repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[warmup:])
+
+
+def _model_state(config: TransformerConfig, partitioner: Partitioner):
+    init = lambda: Transformer(config, rngs=nnx.Rngs(0))  # noqa: E731
+    graphdef, abstract = partitioner.abstract_state(init)
+    return graphdef, partitioner.create(init, abstract)
+
+
+def bench_decode(
+    config: TransformerConfig,
+    *,
+    model_name: str = "",
+    batch_size: int = 8,
+    prompt_len: int = 128,
+    new_tokens: int = 128,
+    repeats: int = 3,
+    warmup: int = 1,
+    mesh: MeshConfig = MeshConfig(),
+) -> dict:
+    """Times greedy generation of exactly `new_tokens` tokens (no EOS) after random prompts."""
+    partitioner = Partitioner.from_config(mesh)
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(1, config.vocab_size, (batch_size, prompt_len), dtype=np.int32)
+    with partitioner.activate():
+        graphdef, state = _model_state(config, partitioner)
+        batch = partitioner.shard_batch({"prompts": prompts, "lengths": np.full(batch_size, prompt_len, np.int32)})
+
+        def run(n: int):
+            return generate(graphdef, state, batch["prompts"], batch["lengths"], eos_id=-1, config=SamplingConfig(max_new_tokens=n))
+
+        seconds = _median_seconds(lambda: run(new_tokens), repeats, warmup)
+        prefill = _median_seconds(lambda: run(1), repeats, warmup)  # the prompt pass and one token
+    return {
+        "framework": "flanjax",
+        "model": model_name,
+        "batch_size": batch_size,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "params": config.num_params(),
+        "dtype": config.dtype,
+        "seconds": seconds,
+        "new_tokens_per_s": batch_size * new_tokens / seconds,
+        "prefill_s": prefill,
+        "ms_per_token_step": 1e3 * (seconds - prefill) / max(new_tokens - 1, 1),
+        **_environment(),
+    }
+
+
+def bench_rank(
+    config: TransformerConfig,
+    *,
+    model_name: str = "",
+    batch_size: int = 32,
+    prompt_len: int = 128,
+    option_len: int = 8,
+    repeats: int = 5,
+    warmup: int = 1,
+    mesh: MeshConfig = MeshConfig(),
+) -> dict:
+    """Times scoring rank-classification rows (a prompt and one option each): options per second."""
+    partitioner = Partitioner.from_config(mesh)
+    length = prompt_len + option_len
+    rows = synthetic_lm_batch(batch_size, length, config.vocab_size)
+    rows["decoder_loss_weights"][:, :prompt_len] = 0  # only the option's tokens are scored
+    with partitioner.activate():
+        graphdef, state = _model_state(config, partitioner)
+        batch = partitioner.shard_batch(rows)
+        seconds = _median_seconds(lambda: score(graphdef, state, batch), repeats, warmup)
+    return {
+        "framework": "flanjax",
+        "model": model_name,
+        "batch_size": batch_size,
+        "prompt_len": prompt_len,
+        "option_len": option_len,
+        "params": config.num_params(),
+        "dtype": config.dtype,
+        "seconds_per_batch": seconds,
+        "options_per_s": batch_size / seconds,
+        **_environment(),
     }

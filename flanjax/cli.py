@@ -1,7 +1,9 @@
 """The `flanjax` command line: parse configuration, then call the library.
 
     flanjax train --gin_file=configs/runs/quickstart.gin --gin.MODEL_DIR="'runs/x'"
+    flanjax eval --gin_file=configs/runs/eval.gin --gin.CHECKPOINT_PATH=runs/x --gin.MIXTURE_OR_TASK_NAME=quickstart_eval
     flanjax bench train --model=bench_27m --batch_size=8 --seq_len=256
+    flanjax bench decode --model=bench_27m --batch_size=8 --prompt_len=128 --new_tokens=128
     flanjax tasks list
 
 Configuration is gin, t5x style: `--gin_file` (repeatable; files `include` each other) and
@@ -67,29 +69,46 @@ def _split_gin_args(argv: list[str]) -> tuple[list[str], list[str]]:
 # --- commands -------------------------------------------------------------------------------
 
 
-def cmd_train(args: argparse.Namespace, bindings: list[str]) -> int:
+def _call_configured(args: argparse.Namespace, bindings: list[str], fn, before=None):
+    """Joins a multi-process run if asked, parses the gin config and calls gin's `fn`."""
     if args.coordinator_address or args.multiprocess:
         from flanjax.sharding import initialize_distributed
 
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     import gin
 
+    parse_gin(args.gin_file, bindings)
+    if before is not None:
+        before()
+    try:
+        return gin.get_configurable(fn)()
+    except TypeError as e:  # a run file that leaves one of fn's arguments unbound
+        if "required keyword-only argument" in str(e):
+            where = f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
+            raise UsageError(f"{e}. Bind it in a gin file or with --gin.{where}.NAME=VALUE.") from None
+        raise
+
+
+def cmd_train(args: argparse.Namespace, bindings: list[str]) -> int:
+    import gin
+
     from flanjax.train import run
 
-    parse_gin(args.gin_file, bindings)
-    train = gin.get_configurable(run.train)
-    model_dir = _model_dir()
-    if model_dir:
-        _write(model_dir, "config.gin", gin.config_str())
-    try:
-        result = train()
-    except TypeError as e:  # a run file that leaves one of train()'s arguments unbound
-        if "required keyword-only argument" in str(e):
-            raise UsageError(f"{e}. Bind it in a gin file or with --gin.run.train.NAME=VALUE.") from None
-        raise
-    if model_dir:
-        _write(model_dir, "operative_config.gin", gin.operative_config_str())
+    def save_config():
+        if _model_dir():
+            _write(_model_dir(), "config.gin", gin.config_str())
+
+    result = _call_configured(args, bindings, run.train, before=save_config)
+    if _model_dir():
+        _write(_model_dir(), "operative_config.gin", gin.operative_config_str())
     return 0 if not result.preempted else 143
+
+
+def cmd_eval(args: argparse.Namespace, bindings: list[str]) -> int:
+    from flanjax.eval import run
+
+    _call_configured(args, bindings, run.evaluate)
+    return 0
 
 
 def _model_dir() -> str | None:
@@ -137,14 +156,13 @@ def cmd_bench(args: argparse.Namespace, bindings: list[str]) -> int:
         import dataclasses
 
         config = dataclasses.replace(config, dtype=args.dtype)
-    result = benchmark.bench_train(
-        config,
-        model_name=args.model,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        steps=args.steps,
-        warmup=args.warmup,
-    )
+    shape = {"model_name": args.model, "batch_size": args.batch_size}
+    if args.what == "train":
+        result = benchmark.bench_train(config, **shape, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup)
+    elif args.what == "decode":
+        result = benchmark.bench_decode(config, **shape, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+    else:
+        result = benchmark.bench_rank(config, **shape, prompt_len=args.prompt_len, option_len=args.option_len)
     print(json.dumps(result))
     return 0
 
@@ -179,20 +197,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model (instruction tuning / SFT) from gin configs",
         description="Train a model from gin files; --gin.KEY=VALUE overrides any binding.",
     )
-    train.add_argument("--gin_file", action="append", default=[], required=True, help="gin config file (repeatable)")
-    train.add_argument("--coordinator_address", help="host:port of process 0, for multi-process runs")
-    train.add_argument("--num_processes", type=int, help="number of processes in a multi-process run")
-    train.add_argument("--process_id", type=int, help="this process's index in a multi-process run")
-    train.add_argument("--multiprocess", action="store_true", help="join a multi-process run the cluster describes (Cloud TPU, SLURM)")
     train.set_defaults(run=cmd_train)
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a checkpoint on seqio tasks (generation metrics, rank classification)",
+        description="Evaluate a checkpoint from gin files (e.g. configs/runs/eval.gin); writes "
+        "eval_results.json, eval_results.md and TensorBoard scalars.",
+    )
+    evaluate.set_defaults(run=cmd_eval)
+    for command in (train, evaluate):
+        command.add_argument("--gin_file", action="append", default=[], required=True, help="gin config file (repeatable)")
+        command.add_argument("--coordinator_address", help="host:port of process 0, for multi-process runs")
+        command.add_argument("--num_processes", type=int, help="number of processes in a multi-process run")
+        command.add_argument("--process_id", type=int, help="this process's index in a multi-process run")
+        command.add_argument("--multiprocess", action="store_true", help="join a multi-process run the cluster describes (Cloud TPU, SLURM)")
 
-    bench = commands.add_parser("bench", help="measure training throughput; prints one JSON object")
-    bench.add_argument("what", choices=["train"], help="what to measure")
+    bench = commands.add_parser(
+        "bench",
+        help="measure throughput; prints one JSON object",
+        description="train: training steps (tokens/s, MFU); decode: greedy generation with the KV cache "
+        "(new tokens/s); rank: scoring rank-classification options (options/s).",
+    )
+    bench.add_argument("what", choices=["train", "decode", "rank"], help="what to measure")
     bench.add_argument("--model", default="bench_27m", help="a model config in configs/models (default bench_27m)")
-    bench.add_argument("--batch_size", type=int, default=8)
-    bench.add_argument("--seq_len", type=int, default=256)
-    bench.add_argument("--steps", type=int, default=10, help="timed steps")
-    bench.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation and warm-up)")
+    bench.add_argument("--batch_size", type=int, default=8, help="rows per step / generate call / scoring call")
+    bench.add_argument("--seq_len", type=int, default=256, help="train: tokens per row")
+    bench.add_argument("--steps", type=int, default=10, help="train: timed steps")
+    bench.add_argument("--warmup", type=int, default=3, help="train: untimed steps (compilation and warm-up)")
+    bench.add_argument("--prompt_len", type=int, default=128, help="decode, rank: prompt tokens")
+    bench.add_argument("--new_tokens", type=int, default=128, help="decode: tokens generated per row")
+    bench.add_argument("--option_len", type=int, default=8, help="rank: tokens per scored option")
     bench.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
     bench.set_defaults(run=cmd_bench)
 

@@ -1,54 +1,153 @@
-"""Batched incremental decoding with the model's KV cache, entirely on the device.
+"""Sampling and scoring with the model, entirely on the device.
 
-Prompts are right-padded to a common length and may differ in length: each sequence writes
-its cache at its own positions, so a short prompt starts generating right after its last
-token while padding slots stay masked until they are overwritten.
+`generate` continues a batch of prompts with the KV cache inside one `jax.lax.while_loop`
+(no Python per token): greedy, or temperature sampling with top-k / top-p filtering,
+stopping each row at EOS or any extra stop token. `score` returns the log-likelihood of
+given continuations, per token and summed: rank classification, the reward model and PPO
+use it. Both are jitted, so under `Partitioner.activate()` with batch-sharded inputs they
+run sharded on the mesh like the training step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flanjax.models.transformer import KVCache
+from flanjax.errors import FlanjaxError
+from flanjax.models.transformer import KVCache, TransformerConfig
+from flanjax.train.objectives import token_log_likelihoods
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id"))
-def greedy_generate(
+class SequenceTooLongError(FlanjaxError, ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How `generate` picks each token; the defaults decode greedily."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy (argmax); otherwise sample from softmax(logits / T)
+    top_k: int = 0  # sample among the k most likely tokens; 0: no limit
+    top_p: float = 1.0  # ... and among the fewest most likely tokens whose mass reaches p
+    stop_tokens: tuple[int, ...] = ()  # besides EOS, e.g. an end-of-turn token
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))  # gin gives lists
+        if self.max_new_tokens < 1 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"invalid {self}: need max_new_tokens >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1.")
+
+
+class Generation(NamedTuple):
+    tokens: jax.Array  # [b, max_new_tokens]: the new tokens, 0 after each row's stop token
+    lengths: jax.Array  # [b]: how many tokens each row generated, its stop token included
+
+
+def check_length(config: TransformerConfig, prompt_len: int, new_tokens: int) -> None:
+    if prompt_len + new_tokens > config.max_len:
+        raise SequenceTooLongError(
+            f"prompts of {prompt_len} tokens plus {new_tokens} new tokens exceed the model's "
+            f"max_len={config.max_len}. Shorten the inputs (task_feature_lengths) or the number of "
+            "new tokens, or raise the model's max_len (--gin.transformer.TransformerConfig.max_len=N; "
+            "with learned positions the model then needs training at that length)."
+        )
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """`logits` [..., v] with -inf on every token outside the top-k, then the top-p, set.
+
+    Top-p keeps the most likely tokens until their probability (renormalised over the
+    top-k) reaches p: a token stays if the tokens ranked above it hold less than p.
+    """
+    if not top_k and top_p >= 1.0:
+        return logits
+    # Only the ranked values are needed: the k largest, or all of them sorted.
+    ranked = jax.lax.top_k(logits, top_k)[0] if top_k else jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+    if top_p < 1.0:
+        probs = jax.nn.softmax(ranked, axis=-1)
+        mass_above = jnp.cumsum(probs, axis=-1) - probs
+        ranked = jnp.where(mass_above < top_p, ranked, jnp.inf)
+    smallest_kept = jnp.min(ranked, axis=-1, keepdims=True)
+    return jnp.where(logits < smallest_kept, -jnp.inf, logits)
+
+
+def next_token(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:
+    """One token per row of `logits` [b, v]."""
+    if config.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits.astype(jnp.float32) / config.temperature, config.top_k, config.top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(
     graphdef: nnx.GraphDef,
     state: nnx.State,
     prompts: jax.Array,  # [b, p] int, right-padded
-    prompt_lengths: jax.Array,  # [b] int, >= 1
+    prompt_lengths: jax.Array,  # [b] int, each >= 1
     *,
-    max_new_tokens: int,
     eos_id: int,
-) -> jax.Array:
-    """Greedy continuation of each prompt: [b, max_new_tokens], 0 after each sequence's EOS."""
+    config: SamplingConfig = SamplingConfig(),
+    seed: int | jax.Array = 0,
+) -> Generation:
+    """Continues each prompt by up to `config.max_new_tokens` tokens (seeded)."""
+    check_length(nnx.merge(graphdef, state).config, prompts.shape[1], config.max_new_tokens)
+    rng = jax.random.key(seed) if isinstance(seed, int) else seed
+    return _generate(graphdef, state, prompts, prompt_lengths, rng, config=config, eos_id=eos_id)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "eos_id"))
+def _generate(graphdef, state, prompts, prompt_lengths, rng, *, config: SamplingConfig, eos_id: int) -> Generation:
     model = nnx.merge(graphdef, state)
     b, p = prompts.shape
-    rows = jnp.arange(b)
-    cache = KVCache.empty(model.config, b, p + max_new_tokens)
-    segments = (jnp.arange(p)[None, :] < prompt_lengths[:, None]).astype(jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    logits, cache = model(prompts, positions, segments, cache=cache)
-    token = jnp.argmax(logits[rows, prompt_lengths - 1], axis=-1).astype(jnp.int32)
+    # Left-align the prompts so that every row writes the same cache slot at each step:
+    # row r's prompt moves to the last prompt_lengths[r] slots; padding gets segment 0.
+    pad = (p - prompt_lengths)[:, None]
+    slots = jnp.arange(p)[None, :]
+    tokens = jnp.take_along_axis(prompts, (slots - pad) % p, axis=1)
+    segments = (slots >= pad).astype(jnp.int32)
+    positions = jnp.maximum(slots - pad, 0)
+    cache = KVCache.empty(model.config, b, p + config.max_new_tokens)
+    hidden, cache = model(tokens, positions, segments, cache=cache, return_hidden=True)
+    stops = jnp.asarray((eos_id, *config.stop_tokens), jnp.int32)
+
+    def emit(i, logits, out, lengths, done):
+        token = jnp.where(done, 0, next_token(logits, jax.random.fold_in(rng, i), config))
+        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
+        return token, out, lengths + ~done, done | jnp.isin(token, stops)
 
     def cond(carry):
-        i, _, _, _, done = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
+        i, _, _, _, _, done = carry
+        return (i < config.max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, token, cache, out, done = carry
-        out = out.at[:, i].set(jnp.where(done, 0, token))
-        done = done | (token == eos_id)
-        pos = (prompt_lengths + i)[:, None]
-        logits, cache = model(token[:, None], pos, jnp.ones_like(pos), cache=cache)
-        token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-        return i + 1, token, cache, out, done
+        i, token, cache, out, lengths, done = carry
+        hidden, cache = model(token[:, None], prompt_lengths[:, None] + i - 1, jnp.ones((b, 1), jnp.int32), cache=cache, return_hidden=True)
+        token, out, lengths, done = emit(i, model.logits(hidden[:, 0]), out, lengths, done)
+        return i + 1, token, cache, out, lengths, done
 
-    out = jnp.zeros((b, max_new_tokens), jnp.int32)
-    carry = (jnp.int32(0), token, cache, out, jnp.zeros((b,), bool))
-    return jax.lax.while_loop(cond, body, carry)[3]
+    out = jnp.zeros((b, config.max_new_tokens), jnp.int32)
+    token, out, lengths, done = emit(0, model.logits(hidden[:, -1]), out, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool))
+    _, _, _, out, lengths, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, out, lengths, done))
+    return Generation(out, lengths)
+
+
+class Scores(NamedTuple):
+    token_log_likelihoods: jax.Array  # [b, t]: log p(target token | everything before), 0 where unscored
+    log_likelihood: jax.Array  # [b]: their sum
+    num_tokens: jax.Array  # [b]: how many tokens were scored
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def score(graphdef: nnx.GraphDef, state: nnx.State, batch: Mapping[str, jax.Array]) -> Scores:
+    """Log-likelihood of the weighted target tokens of decoder features (see data.pipeline)."""
+    model = nnx.merge(graphdef, state)
+    logits, _ = model(batch["decoder_input_tokens"], batch["decoder_positions"], batch["decoder_segment_ids"])
+    weights = batch["decoder_loss_weights"]
+    per_token = token_log_likelihoods(logits, batch["decoder_target_tokens"], weights)
+    return Scores(per_token, per_token.sum(axis=-1), (weights > 0).sum(axis=-1))

@@ -1,13 +1,19 @@
 """Built-in synthetic instruction tasks for the quickstart: generated on the spot, offline.
 
-Importing this module registers five seqio tasks, each with several instruction templates,
-and the mixture `quickstart`:
+Importing this module registers six seqio tasks, each with several instruction templates,
+and two mixtures:
 
     quickstart_max      find the largest digit in a list
     quickstart_sort     sort a list of digits
     quickstart_add      add a digit to a number
     quickstart_count    count the words in a list
     quickstart_lookup   read a value off a small key-value table
+    quickstart_larger   pick the larger of two numbers from the options (classification)
+
+    quickstart          all six, for training (examples-proportional)
+    quickstart_eval     the first five evaluated by generation (exact match), and
+                        quickstart_larger_rank: the classification task evaluated by rank
+                        classification (each option scored, the likeliest is the answer)
 
 Every problem is assigned to `train` or `validation` by a hash of its content, so the
 held-out problems are never seen in training. The tokenizer is a small byte-level BPE
@@ -31,6 +37,7 @@ import tensorflow as tf
 from flanjax.data.templates import Template, check_templates, templates_preprocessor
 from flanjax.data.vocab import HFVocabulary
 from flanjax.eval.metrics import exact_match
+from flanjax.eval.rank_classification import rank_classification, rank_classification_metric, rank_classification_targets
 
 NUM_EXAMPLES = {"train": 20_000, "validation": 200}
 HELD_OUT_BUCKETS = 10  # one problem in ten is reserved for validation
@@ -73,7 +80,15 @@ def _lookup(rng: random.Random) -> dict[str, str]:
     }
 
 
-TASKS: dict[str, tuple[Callable[[random.Random], dict[str, str]], tuple[Template, ...]]] = {
+def _larger(rng: random.Random) -> dict:
+    a, b = rng.sample(range(100), 2)
+    return {"a": str(a), "b": str(b), "answer": str(max(a, b)), "options": [str(a), str(b)]}
+
+
+# Classification: the inputs list the options (FLAN's layout); rank classification scores them.
+OPTIONS = "\n\nOPTIONS:\n- {a}\n- {b}\n"
+
+TASKS: dict[str, tuple[Callable[[random.Random], dict], tuple[Template, ...]]] = {
     "quickstart_max": (
         _max,
         (
@@ -116,7 +131,16 @@ TASKS: dict[str, tuple[Callable[[random.Random], dict[str, str]], tuple[Template
             Template("{table}\nWhich number goes with {key}?", " {answer}"),
         ),
     ),
+    "quickstart_larger": (
+        _larger,
+        (
+            Template("Which number is larger, {a} or {b}?" + OPTIONS, "{answer}"),
+            Template("Pick the bigger of the two numbers." + OPTIONS + "Answer: ", "{answer}"),
+            Template("{a} and {b}: which one is greater?" + OPTIONS, "{answer}"),
+        ),
+    ),
 }
+CLASSIFICATION = ("quickstart_larger",)
 
 
 def _in_split(fields: dict[str, str], split: str) -> bool:
@@ -202,28 +226,35 @@ def _register() -> None:
         "inputs": seqio.Feature(VOCABULARY, add_eos=False),
         "targets": seqio.Feature(VOCABULARY, add_eos=True),
     }
+    tokenize = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
     for name, (make, templates) in TASKS.items():
         check_templates(name, templates, make(random.Random(0)).keys())
-        seqio.TaskRegistry.add(
-            name,
-            source=seqio.FunctionDataSource(
-                functools.partial(_dataset_fn, name),
-                splits=tuple(NUM_EXAMPLES),
-                num_input_examples=dict(NUM_EXAMPLES),
-            ),
-            preprocessors=[
-                templates_preprocessor(templates),
-                seqio.preprocessors.tokenize,
-                seqio.preprocessors.append_eos_after_trim,
-            ],
-            output_features=features,
-            postprocess_fn=lambda text, **_: text.strip(),
-            metric_fns=[exact_match],
+        source = seqio.FunctionDataSource(
+            functools.partial(_dataset_fn, name), splits=tuple(NUM_EXAMPLES), num_input_examples=dict(NUM_EXAMPLES)
         )
-    seqio.MixtureRegistry.add(
-        "quickstart", list(TASKS), default_rate=seqio.mixing_rate_num_examples
-    )
-
+        if name in CLASSIFICATION:
+            # Trained on like the others; evaluated through its scoring twin below.
+            seqio.TaskRegistry.add(
+                name, source=source, output_features=features,
+                preprocessors=[templates_preprocessor(templates), *tokenize],
+            )  # fmt: skip
+            seqio.TaskRegistry.add(
+                f"{name}_rank",
+                source=source,
+                preprocessors=[templates_preprocessor(templates, passthrough=("options",)), rank_classification, *tokenize],
+                output_features=features,
+                postprocess_fn=rank_classification_targets,
+                metric_fns=[rank_classification_metric],
+            )
+        else:
+            seqio.TaskRegistry.add(
+                name, source=source, output_features=features,
+                preprocessors=[templates_preprocessor(templates), *tokenize],
+                postprocess_fn=lambda text, **_: text.strip(), metric_fns=[exact_match],
+            )  # fmt: skip
+    seqio.MixtureRegistry.add("quickstart", list(TASKS), default_rate=seqio.mixing_rate_num_examples)
+    evaluated = [f"{name}_rank" if name in CLASSIFICATION else name for name in TASKS]
+    seqio.MixtureRegistry.add("quickstart_eval", evaluated, default_rate=1.0)
 
 if "quickstart" not in seqio.MixtureRegistry.names():
     _register()

@@ -35,7 +35,7 @@ def test_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    for command in ("train", "bench", "tasks"):
+    for command in ("train", "eval", "bench", "tasks"):
         assert command in out
 
 
@@ -103,7 +103,11 @@ def test_every_model_config_builds(path):
     assert n == config.num_params()
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(cli.REPO_ROOT, "configs", "runs", "*.gin"))))
+RUN_CONFIGS = sorted(glob.glob(os.path.join(cli.REPO_ROOT, "configs", "runs", "*.gin")))
+EVAL_CONFIG = os.path.join(cli.REPO_ROOT, "configs", "runs", "eval.gin")
+
+
+@pytest.mark.parametrize("path", [p for p in RUN_CONFIGS if p != EVAL_CONFIG])
 def test_every_run_config_trains(path, tmp_path):
     """Dry run: each shipped run config trains two steps (shrunk where it is large)."""
     args = ["train", f"--gin_file={path}", f"--gin.MODEL_DIR={tmp_path}", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8"]
@@ -111,9 +115,62 @@ def test_every_run_config_trains(path, tmp_path):
         args += ["--gin_file=configs/models/tiny.gin", "--gin.MIXTURE_OR_TASK_NAME='quickstart'",
                  "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 16}"]  # fmt: skip
     if os.path.basename(path) == "quickstart.gin":
-        args += ["--gin.evaluator.GenerationEvalConfig.num_examples=8", "--gin.evaluator.GenerationEvalConfig.batch_size=8"]
+        args += ["--gin.evaluator.EvalConfig.num_examples=8", "--gin.evaluator.EvalConfig.batch_size=8"]
     assert run_cli(args) == 0
     assert (tmp_path / "operative_config.gin").exists()
+
+
+# --- flanjax eval ------------------------------------------------------------------------------
+
+
+def eval_args(checkpoint, *extra):
+    return ["eval", "--gin_file=configs/runs/eval.gin", f"--gin.CHECKPOINT_PATH={checkpoint}",
+            "--gin.MIXTURE_OR_TASK_NAME=quickstart_eval", "--gin.evaluator.EvalConfig.num_examples=8",
+            "--gin.evaluator.EvalConfig.batch_size=8", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    import tasks.quickstart  # noqa: F401
+
+    model_dir = tmp_path_factory.mktemp("trained")
+    assert run_cli(train_args(model_dir, 4, "--gin.checkpoint.CheckpointConfig.every_steps=2")) == 0
+    return model_dir
+
+
+def test_eval_writes_results_json_markdown_and_tensorboard(trained_run, capsys):
+    assert run_cli(eval_args(trained_run)) == 0
+    results = json.loads((trained_run / "eval_results.json").read_text())
+    assert results["step"] == 4 and results["checkpoint"].endswith(os.path.join("checkpoints", "4"))
+    tasks = results["tasks"]
+    assert set(tasks) == {"quickstart_max", "quickstart_sort", "quickstart_add", "quickstart_count",
+                          "quickstart_lookup", "quickstart_larger_rank"}  # fmt: skip
+    assert set(tasks["quickstart_max"]["metrics"]) == {"exact_match"} and tasks["quickstart_max"]["num_examples"] == 8
+    assert set(tasks["quickstart_larger_rank"]["metrics"]) == {"accuracy"}
+    assert tasks["quickstart_larger_rank"]["num_examples"] == 4  # 8 rows, two options each
+    table = (trained_run / "eval_results.md").read_text()
+    assert "| quickstart_larger_rank | accuracy |" in table and table in capsys.readouterr().err.replace("\r", "")
+    logged = [r for r in read_metrics(trained_run / "metrics.jsonl") if "eval/quickstart_max/exact_match" in r]
+    assert logged[-1]["step"] == 4
+    assert glob.glob(str(trained_run / "tensorboard" / "events.out.tfevents.*"))
+
+
+def test_eval_of_one_step_directory(trained_run, tmp_path):
+    out = tmp_path / "out"
+    args = eval_args(trained_run / "checkpoints" / "2", f"--gin.EVAL_OUTPUT_DIR={out}", "--gin.MIXTURE_OR_TASK_NAME=quickstart_max")
+    assert run_cli(args) == 0
+    assert json.loads((out / "eval_results.json").read_text())["step"] == 2
+
+
+def test_eval_of_a_missing_checkpoint(tmp_path, capsys):
+    assert run_cli(eval_args(tmp_path / "nowhere")) == 1
+    assert "no checkpoints in" in capsys.readouterr().err
+
+
+def test_eval_with_a_model_of_another_shape(trained_run, capsys):
+    args = eval_args(trained_run, "--gin_file=configs/models/tiny.gin", "--gin.transformer.TransformerConfig.d_ff=96")
+    assert run_cli(args) == 1
+    assert "has shape" in capsys.readouterr().err
 
 
 # --- kills and pre-emption (real processes) ---------------------------------------------------

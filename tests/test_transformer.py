@@ -4,7 +4,7 @@
   LLaMA (GQA, untied), Qwen2 (q/k/v biases, tied) and GPT-2 (LayerNorm, learned positions,
   GELU, biases, tied). A small weight-copy function per family lives here.
 * The model itself is the reference for its own fast paths: packed segments against each
-  sequence alone, the KV cache and `greedy_generate` against full forward passes without cache.
+  sequence alone, the KV cache and greedy `generate` against full forward passes without cache.
 * Dropout, bfloat16 compute and config validation are checked against their specification.
 
 Everything is tiny (vocabulary 97, width 32, 2 layers) so the file runs in seconds on CPU.
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flanjax.decode import greedy_generate
+from flanjax.decode import SamplingConfig, generate
 from flanjax.models.transformer import KVCache, Transformer, TransformerConfig, attention_mask, rope
 
 torch = pytest.importorskip("torch")
@@ -202,18 +202,18 @@ def test_kv_cache_matches_full_forward(family, prompt_lengths):
     sequences = [random_tokens(n + steps, seed=10 + i) for i, n in enumerate(prompt_lengths)]
     expected = [forward(model, seq[None])[0] for seq in sequences]
 
-    # Prefill right-padded prompts (random tokens in the padding, segment 0 there).
+    # Prefill left-padded prompts (random tokens in the padding, segment 0 there).
     prompts = random_tokens((2, width), seed=20)
     segments = np.zeros((2, width), np.int32)
+    positions = np.zeros((2, width), np.int32)
     for row, (seq, n) in enumerate(zip(sequences, prompt_lengths)):
-        prompts[row, :n], segments[row, :n] = seq[:n], 1
-    positions = np.broadcast_to(np.arange(width), (2, width))
+        prompts[row, width - n :], segments[row, width - n :], positions[row, width - n :] = seq[:n], 1, np.arange(n)
     cache = KVCache.empty(cfg, batch=2, length=width + steps)
     logits, cache = apply(model, jnp.asarray(prompts), jnp.asarray(positions), jnp.asarray(segments), cache)
     for row, n in enumerate(prompt_lengths):
-        np.testing.assert_allclose(np.asarray(logits[row, :n]), expected[row][:n], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(logits[row, width - n :]), expected[row][:n], atol=1e-5, rtol=0)
 
-    # Then one token at a time, each sequence at its own position.
+    # Then one token at a time into the same slot of every row, each at its own position.
     for i in range(steps):
         pos = np.array([[n + i] for n in prompt_lengths], np.int32)
         token = np.array([[seq[n + i]] for seq, n in zip(sequences, prompt_lengths)], np.int32)
@@ -234,6 +234,7 @@ def reference_greedy(model, prompt: np.ndarray, max_new_tokens: int) -> tuple[li
 
 
 def test_greedy_generate_matches_uncached_argmax():
+    """Prompts of different lengths in one batch; EOS ends each row on its own."""
     model, new = make_model(LLAMA, seed=1), 5
     lengths = np.array([2, 4, 3], np.int32)
     prompts = random_tokens((3, 4), seed=30)  # tokens past each length are padding
@@ -242,16 +243,21 @@ def test_greedy_generate_matches_uncached_argmax():
     assert min(margins) > 1e-3  # no near-ties: the argmax is well defined
 
     graphdef, state = nnx.split(model)
-    generate = lambda eos: np.asarray(  # noqa: E731
-        greedy_generate(graphdef, state, jnp.asarray(prompts), jnp.asarray(lengths), max_new_tokens=new, eos_id=eos)
-    )
-    np.testing.assert_array_equal(generate(LLAMA.vocab_size), expected)  # an EOS never generated
+    def greedy(eos):
+        out = generate(graphdef, state, jnp.asarray(prompts), jnp.asarray(lengths), eos_id=eos, config=SamplingConfig(max_new_tokens=new))
+        return np.asarray(out.tokens), np.asarray(out.lengths)
+
+    tokens, generated = greedy(LLAMA.vocab_size)  # an EOS never generated
+    np.testing.assert_array_equal(tokens, expected)
+    np.testing.assert_array_equal(generated, [new] * 3)
 
     # EOS: the second token of row 0. Each row keeps its tokens up to its first EOS, then 0.
     eos = int(expected[0, 1])
     after_eos = np.cumsum(np.cumsum(expected == eos, axis=1), axis=1) > 1  # strictly after the first EOS
     assert after_eos[0, -1]  # the check below is not vacuous
-    np.testing.assert_array_equal(generate(eos), np.where(after_eos, 0, expected))
+    tokens, generated = greedy(eos)
+    np.testing.assert_array_equal(tokens, np.where(after_eos, 0, expected))
+    np.testing.assert_array_equal(generated, new - after_eos.sum(axis=1))
 
 
 # --------------------------------------------------------------------------------------

@@ -81,8 +81,9 @@ def render_tf(pattern: str, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
     return tf.strings.join(parts) if parts else tf.constant("")
 
 
-def templates_preprocessor(templates: Sequence[Template], seed: int = 0):
-    """A seqio preprocessor: flat text fields -> {"inputs", "targets", "template"}.
+def templates_preprocessor(templates: Sequence[Template], seed: int = 0, passthrough: Sequence[str] = ()):
+    """A seqio preprocessor: flat text fields -> {"inputs", "targets", "template"} and the
+    `passthrough` fields unchanged (e.g. "options", for rank classification).
 
     `seed` keys the hash that picks each example's template.
     """
@@ -100,6 +101,6 @@ def templates_preprocessor(templates: Sequence[Template], seed: int = 0):
             for t in templates
         ]
         rendered = tf.switch_case(choice, branches)
-        return {"inputs": rendered[0], "targets": rendered[1], "template": choice}
+        return {"inputs": rendered[0], "targets": rendered[1], "template": choice, **{k: example[k] for k in passthrough}}
 
     return apply

@@ -1,14 +1,22 @@
-"""Generation evaluation through `seqio.Evaluator`: decode, post-process, task metrics.
+"""Evaluation of seqio tasks through `seqio.Evaluator`: generation and rank-classification scoring.
 
-seqio owns the eval datasets (cached once), decoding of predictions to text, the tasks'
-post-processing and metric functions; flanjax supplies the predict function (KV-cache
-decoding on the mesh).
+seqio owns the evaluation datasets (built and cached once), decoding predictions to text,
+the tasks' post-processing and their metric functions. flanjax supplies the two model
+functions seqio asks for, both running sharded on the mesh:
+
+    predict  decode each example's prompt (its inputs) with `flanjax.decode.generate`
+    score    the log-likelihood of each row's targets with `flanjax.decode.score`
+
+A task is evaluated by generation when its metrics take `(targets, predictions)` and by
+scoring when they take `(targets, scores)` (rank classification: one row per option, see
+`flanjax.eval.rank_classification`). The same `Evaluator` runs from `flanjax eval` and as
+the training loop's periodic evaluation hook.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import jax
 import numpy as np
@@ -16,87 +24,192 @@ import seqio
 from flax import nnx
 
 from flanjax.data.pipeline import decoder_converter, get_task_or_mixture
-from flanjax.decode import greedy_generate
+from flanjax.decode import SamplingConfig, SequenceTooLongError, check_length, generate, score
+from flanjax.errors import FlanjaxError
+from flanjax.models.transformer import TransformerConfig
+from flanjax.sharding import Partitioner
+
+
+class EvalError(FlanjaxError, ValueError):
+    pass
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerationEvalConfig:
+class EvalConfig:
     mixture_or_task_name: str | None = None  # None: the training mixture
     split: str = "validation"
-    num_examples: int | None = None  # per task; None: the whole split
-    batch_size: int = 32
-    max_new_tokens: int | None = None  # None: the targets' feature length
+    num_examples: int | None = None  # rows per task (a scoring task has a row per option); None: all
+    batch_size: int = 32  # rows per model call (global)
+    sampling: SamplingConfig | None = None  # None: greedy, up to each task's longest target
+    seed: int = 0
 
 
-class GenerationEvaluator:
+@dataclasses.dataclass(frozen=True)
+class TaskResult:
+    metrics: dict[str, float]
+    num_examples: int  # examples evaluated (for scoring tasks: examples, not option rows)
+
+
+def flat_metrics(results: Mapping[str, TaskResult]) -> dict[str, float]:
+    """{"<task>/<metric>": value}: the scalars the training loop logs."""
+    return {f"{task}/{name}": value for task, r in results.items() for name, value in r.metrics.items()}
+
+
+class Evaluator:
+    """Evaluates a model state on every task of a mixture that has metrics and the split."""
+
     def __init__(
         self,
-        config: GenerationEvalConfig,
-        default_task: str,
-        task_feature_lengths: Mapping[str, int],
+        config: EvalConfig,
+        *,
+        model: TransformerConfig,
         graphdef: nnx.GraphDef,
+        partitioner: Partitioner,
+        task_feature_lengths: Mapping[str, int] | None = None,  # None: each task's longest
+        default_task: str | None = None,
     ):
         name = config.mixture_or_task_name or default_task
-        get_task_or_mixture(name)
-        self.config = config
-        self.graphdef = graphdef
-        self.max_new_tokens = config.max_new_tokens or task_feature_lengths["targets"]
+        if name is None:
+            raise EvalError("nothing to evaluate: set EvalConfig.mixture_or_task_name.")
+        if config.batch_size % partitioner.data_parallel_size:
+            raise EvalError(
+                f"evaluation batch_size={config.batch_size} is not divisible by the "
+                f"{partitioner.data_parallel_size} data-parallel shards of the mesh; pick a multiple."
+            )
+        _check_tasks(name, config.split)
+        self.config, self.model, self.graphdef, self.partitioner = config, model, graphdef, partitioner
         self.seqio_evaluator = seqio.Evaluator(
             name,
             feature_converter=decoder_converter(pack=False),
             eval_split=config.split,
-            sequence_length=dict(task_feature_lengths),
+            sequence_length=dict(task_feature_lengths) if task_feature_lengths else None,
             num_examples=config.num_examples,
             use_memory_cache=True,
+            async_compute_metrics=False,
         )
-        if not self.seqio_evaluator.eval_tasks:
-            raise ValueError(
-                f"{name!r} has no tasks with metric functions and a {config.split!r} split to "
-                "evaluate; give its tasks `metric_fns` or choose another split."
+        self.num_examples = {task.name: self._check_task(task) for task in self.seqio_evaluator.eval_tasks}
+
+    def _check_task(self, task: seqio.Task) -> int:
+        """Checks the task's lengths against the model's, up front; returns its example count."""
+        rows = [ex for _, ex in self.seqio_evaluator.cached_model_datasets[task.name].as_numpy_iterator()]
+        if not rows:
+            raise EvalError(f"task {task.name!r} has no {self.config.split!r} examples to evaluate.")
+        width = rows[0]["decoder_target_tokens"].shape[-1]
+        if width > self.model.max_len:
+            raise SequenceTooLongError(
+                f"task {task.name!r}: evaluation sequences of {width} tokens exceed the model's "
+                f"max_len={self.model.max_len}. Lower task_feature_lengths, or raise max_len "
+                "(--gin.transformer.TransformerConfig.max_len=N)."
             )
-        self.eos_id = next(iter(self.seqio_evaluator.eval_tasks)).output_features["targets"].vocabulary.eos_id
+        if any(m.model_output_type == seqio.metrics.ModelOutputType.PREDICTION for m in task.metric_objs):
+            prompt_width, sampling = self._generation_shape(rows)
+            try:
+                check_length(self.model, prompt_width, sampling.max_new_tokens)
+            except SequenceTooLongError as e:
+                raise SequenceTooLongError(f"task {task.name!r}: {e}") from None
+        task_rows = list(self.seqio_evaluator.cached_task_datasets[task.name].as_numpy_iterator())
+        if "idx" in task_rows[0]:  # rank classification: rows are options, idx[0] the example
+            return len({int(ex["idx"][0]) for ex in task_rows})
+        return len(task_rows)
 
-    def __call__(self, step: int, model_state: nnx.State) -> dict[str, float]:
-        """{"<task>/<metric>": value} for every evaluated task."""
+    def _generation_shape(self, rows: list[Mapping[str, np.ndarray]]) -> tuple[int, SamplingConfig]:
+        """The longest prompt (inputs and the start token) and how far to decode."""
+        prompt_width = max(int(ex["decoder_causal_attention"].sum()) for ex in rows)
+        longest_target = max(int(ex["decoder_loss_weights"].sum()) for ex in rows)
+        return prompt_width, self.config.sampling or SamplingConfig(max_new_tokens=longest_target)
 
-        def predict(ds) -> list[tuple[int, list[int]]]:
-            return self._predict(ds, model_state)
-
-        metrics, _ = self.seqio_evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict)
-        metrics = metrics.result() if hasattr(metrics, "result") else metrics
-        return {f"{task}/{name}": float(v) for task, ms in metrics.items() for name, v in ms.items()}
+    def __call__(self, step: int, model_state: nnx.State) -> dict[str, TaskResult]:
+        """Metrics of every task for `model_state` (the model's state, not the optimizer's)."""
+        with self.partitioner.activate():
+            metrics, _ = self.seqio_evaluator.evaluate(
+                compute_metrics=True,
+                step=step,
+                predict_fn=lambda ds: self._predict(ds, model_state),
+                score_fn=lambda ds: self._score(ds, model_state),
+            )
+        return {
+            task: TaskResult({k: float(v) for k, v in values.items()}, self.num_examples[task])
+            for task, values in metrics.result().items()
+        }
 
     def _predict(self, ds, model_state: nnx.State) -> list[tuple[int, list[int]]]:
-        out: list[tuple[int, list[int]]] = []
-        for indices, prompts, lengths in self._batches(ds):
-            tokens = np.asarray(
-                jax.device_get(
-                    greedy_generate(
-                        self.graphdef,
-                        model_state,
-                        prompts,
-                        lengths,
-                        max_new_tokens=self.max_new_tokens,
-                        eos_id=self.eos_id,
-                    )
-                )
-            )
-            out.extend((int(i), row.tolist()) for i, row in zip(indices, tokens) if i >= 0)
+        rows = list(ds.as_numpy_iterator())
+        width, sampling = self._generation_shape([ex for _, ex in rows])
+        out = []
+        for indices, batch in self._batches(rows):
+            lengths = batch["decoder_causal_attention"].sum(axis=1).astype(np.int32)
+            prompts = np.where(np.arange(width) < lengths[:, None], batch["decoder_input_tokens"][:, :width], 0)
+            local = self._local({"prompts": prompts, "lengths": np.maximum(lengths, 1)})
+            generation = generate(
+                self.graphdef, model_state, local["prompts"], local["lengths"],
+                eos_id=self._eos_id, config=sampling, seed=self.config.seed,
+            )  # fmt: skip
+            # Whole rows (0 after each stop token): seqio stacks them and cuts at EOS itself.
+            tokens = self._gather(generation.tokens)
+            out += [(i, row.tolist()) for i, row in zip(indices, tokens) if i >= 0]
         return out
 
-    def _batches(self, ds):
-        """(indices, prompts, prompt lengths), padded to full batches (index -1 for padding)."""
+    def _score(self, ds, model_state: nnx.State) -> list[tuple[int, float]]:
+        out = []
+        for indices, batch in self._batches(list(ds.as_numpy_iterator())):
+            scores = score(self.graphdef, model_state, self._local(batch))
+            out += [(i, float(s)) for i, s in zip(indices, self._gather(scores.log_likelihood)) if i >= 0]
+        return out
+
+    @property
+    def _eos_id(self) -> int:
+        return self.seqio_evaluator.eval_tasks[0].output_features["targets"].vocabulary.eos_id
+
+    def _batches(self, rows: list) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Full global batches of model features; padding rows have index -1."""
         size = self.config.batch_size
-        rows = list(ds.as_numpy_iterator())
         for start in range(0, len(rows), size):
             chunk = rows[start : start + size]
             indices = np.full(size, -1)
-            # The prompt is the prefix the converter marks as bidirectional: 0 then the inputs.
-            width = rows[0][1]["decoder_input_tokens"].shape[-1]
-            prompts = np.zeros((size, width), np.int32)
-            lengths = np.ones(size, np.int32)
-            for j, (i, ex) in enumerate(chunk):
-                n = int(ex["decoder_causal_attention"].sum())
-                indices[j], lengths[j] = i, n
-                prompts[j, :n] = ex["decoder_input_tokens"][:n]
-            yield indices, prompts, lengths
+            indices[: len(chunk)] = [i for i, _ in chunk]
+            batch = {k: np.zeros((size, *v.shape), v.dtype) for k, v in chunk[0][1].items()}
+            for j, (_, ex) in enumerate(chunk):
+                for k, v in ex.items():
+                    batch[k][j] = v
+            if "decoder_segment_ids" not in batch:  # unpacked: one segment, positions from 0
+                width = batch["decoder_target_tokens"].shape[1]
+                batch["decoder_segment_ids"] = (batch["decoder_target_tokens"] != 0).astype(np.int32)
+                batch["decoder_positions"] = np.broadcast_to(np.arange(width, dtype=np.int32), (size, width)).copy()
+            yield indices, batch
+
+    def _local(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Global arrays on the mesh from a global batch every process holds whole."""
+        share = len(next(iter(batch.values()))) // jax.process_count()
+        start = jax.process_index() * share
+        return self.partitioner.shard_batch({k: v[start : start + share] for k, v in batch.items()})
+
+    @staticmethod
+    def _gather(x: jax.Array) -> np.ndarray:
+        if jax.process_count() == 1:
+            return np.asarray(jax.device_get(x))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _check_tasks(name: str, split: str) -> None:
+    """Every task of `name` must have targets; at least one must have metrics and the split."""
+    provider = get_task_or_mixture(name)
+    tasks = seqio.get_subtasks(provider)
+    if not tasks:
+        raise EvalError(f"mixture {name!r} has no tasks: add tasks to it, or evaluate a task directly.")
+    for task in tasks:
+        if "targets" not in task.output_features:
+            raise EvalError(
+                f"task {task.name!r} has no 'targets' feature to evaluate against; its output_features "
+                f"are {sorted(task.output_features)}."
+            )
+    usable = [t for t in tasks if t.metric_objs and split in t.splits]
+    if not usable:
+        without = [t.name for t in tasks if not t.metric_objs]
+        hint = f" Tasks without metric_fns: {', '.join(without)}." if without else ""
+        raise EvalError(
+            f"nothing in {name!r} can be evaluated on split {split!r}: a task needs metric_fns and "
+            f"that split.{hint} Give the tasks metrics (e.g. flanjax.eval.metrics.accuracy) or choose "
+            "another split."
+        )

@@ -105,21 +105,31 @@ class TransformerConfig:
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer, written at each token's position.
+    """Keys and values of every layer, filled slot by slot from the left.
 
-    k, v: [l, b, s, k, h]; segment_ids: [b, s], 0 where nothing (or padding) was written.
+    Every call writes its `t` tokens at slots [index, index + t) of all rows at once (one
+    in-place update, however the rows differ), so prompts of different lengths are
+    left-padded: padding slots keep segment id 0 and are never attended to, while each
+    token's own position (for RoPE) comes in separately.
+
+    k, v: one [b, k, s, h] array per layer (the layout the attention dots read without a
+    transpose); segment_ids: [b, s], 0 where nothing (or padding) was written; index: the
+    next free slot.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     segment_ids: jax.Array
+    index: jax.Array
 
     @classmethod
     def empty(cls, config: TransformerConfig, batch: int, length: int | None = None) -> KVCache:
         length = length or config.max_len
-        shape = (config.num_layers, batch, length, config.kv_heads, config.head_size)
-        dtype = jnp.dtype(config.dtype)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), jnp.int32))
+        shape = (batch, config.kv_heads, length, config.head_size)
+        axes = ("activation_batch", "activation_kv_heads", "activation_length", "activation_head_dim")
+        layers = lambda: tuple(constrain(jnp.zeros(shape, jnp.dtype(config.dtype)), axes) for _ in range(config.num_layers))  # noqa: E731
+        segments = constrain(jnp.zeros((batch, length), jnp.int32), ("activation_batch", "activation_length"))
+        return cls(layers(), layers(), segments, jnp.zeros((), jnp.int32))
 
 
 # Parameters record their logical axes but are not sharded eagerly: models can be built
@@ -200,9 +210,10 @@ class Attention(nnx.Module):
         x: jax.Array,  # [b, t, d]
         positions: jax.Array,  # [b, t]
         segment_ids: jax.Array,  # [b, t]
-        cache: tuple[jax.Array, jax.Array, jax.Array] | None,  # this layer's k, v [b, s, k, h] and segments [b, s]
+        cache: KVCache | None,  # segment ids already updated for these tokens
+        layer: int,
         rngs: nnx.Rngs | None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         q = constrain(self.q(x), ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         k = constrain(self.k(x), ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
@@ -211,32 +222,49 @@ class Attention(nnx.Module):
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
 
         if cache is None:
-            k_segments, k_positions, new_kv = segment_ids, positions, None
+            mask = attention_mask(segment_ids, positions, segment_ids, positions)  # [b, t, s]
+            if cfg.attention_dropout and rngs is not None:
+                out = _attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, lambda p: self.dropout(p, rngs=rngs))
+            else:
+                out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])  # [b, t, n, h]
         else:
-            cache_k, cache_v, k_segments = cache
-            rows = jnp.arange(x.shape[0])[:, None]
-            # Slot = position: every sequence writes at its own offset (prompts may differ in length).
-            k = cache_k.at[rows, positions].set(k.astype(cache_k.dtype))
-            v = cache_v.at[rows, positions].set(v.astype(cache_v.dtype))
-            k_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k_segments.shape)
-            new_kv = (k, v)
-
-        mask = attention_mask(segment_ids, positions, k_segments, k_positions)  # [b, t, s]
-        if cfg.attention_dropout and rngs is not None:
-            out = self._attend_with_dropout(q, k, v, mask, rngs)
-        else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])  # [b, t, n, h]
+            cache, k, v = _write_cache(cache, layer, k, v)
+            # Causality by slot: slots are filled in order, whatever each row's positions.
+            b, t = segment_ids.shape
+            q_slots = jnp.broadcast_to(cache.index + jnp.arange(t), (b, t))
+            k_slots = jnp.broadcast_to(jnp.arange(k.shape[2]), cache.segment_ids.shape)
+            out = _attend(q, k, v, attention_mask(segment_ids, q_slots, cache.segment_ids, k_slots))
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
-        return self.o(out), new_kv
+        return self.o(out), cache
 
-    def _attend_with_dropout(self, q, k, v, mask, rngs):
-        b, t, n, h = q.shape
-        groups = n // k.shape[2]
-        q = q.reshape(b, t, k.shape[2], groups, h)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(h)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = self.dropout(jax.nn.softmax(scores, axis=-1), rngs=rngs).astype(v.dtype)
-        return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+
+def _write_cache(cache: KVCache, layer: int, k: jax.Array, v: jax.Array):
+    """Writes this layer's new keys/values [b, t, k, h] at the cache's next slots."""
+
+    def write(arrays, new):
+        new = jnp.swapaxes(new, 1, 2).astype(arrays[layer].dtype)  # [b, k, t, h]
+        full = jax.lax.dynamic_update_slice(arrays[layer], new, (0, 0, cache.index, 0))
+        return arrays[:layer] + (full,) + arrays[layer + 1 :], full
+
+    ks, k = write(cache.k, k)
+    vs, v = write(cache.v, v)
+    return cache._replace(k=ks, v=vs), k, v
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dropout=None) -> jax.Array:
+    """Attention of q [b, t, n, h] over k, v [b, k, s, h] (a cache layer's layout); mask [b, t, s].
+
+    Written out (rather than `jax.nn.dot_product_attention`) for the cache layout and for
+    dropout on the attention weights.
+    """
+    b, t, n, h = q.shape
+    q = q.reshape(b, t, k.shape[1], n // k.shape[1], h)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(h)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout is not None:
+        probs = dropout(probs)
+    return jnp.einsum("bkgts,bksh->btkgh", probs.astype(v.dtype), v).reshape(b, t, n, h)
 
 
 class MLP(nnx.Module):
@@ -280,12 +308,12 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
         self.dropout = nnx.Dropout(residual_dropout)
 
-    def __call__(self, x, positions, segment_ids, cache, rngs):
+    def __call__(self, x, positions, segment_ids, cache, layer, rngs):
         deterministic = rngs is None
-        h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, cache, rngs)
+        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, layer, rngs)
         x = x + self.dropout(h, deterministic=deterministic, rngs=rngs)
         x = x + self.dropout(self.mlp(self.mlp_norm(x)), deterministic=deterministic, rngs=rngs)
-        return constrain(x, ("activation_batch", "activation_length", "activation_embed")), new_kv
+        return constrain(x, ("activation_batch", "activation_length", "activation_embed")), cache
 
 
 class Transformer(nnx.Module):
@@ -344,8 +372,8 @@ class Transformer(nnx.Module):
         """Returns (logits [b, t, v] or final hidden states [b, t, d], updated cache or None).
 
         Without a cache, attention is causal within each packed segment. With a cache, the new
-        tokens' keys and values are written at `positions` and attend to everything written
-        at earlier positions of the same segment: prefill a prompt, then feed one token at a time.
+        tokens are written at the cache's next free slots and attend to every earlier slot of
+        the same segment: prefill (left-padded) prompts, then feed one token at a time.
         """
         b, t = tokens.shape
         if positions is None:
@@ -359,21 +387,19 @@ class Transformer(nnx.Module):
         x = self.embed_dropout(x, deterministic=rngs is None, rngs=rngs)
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
-        new_k, new_v = [], []
-        cache_segments = None
         if cache is not None:
-            rows = jnp.arange(b)[:, None]
-            cache_segments = cache.segment_ids.at[rows, positions].set(segment_ids)
+            segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
+            cache = cache._replace(segment_ids=segments)
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache_segments)
-            x, kv = layer(x, positions, segment_ids, layer_cache, rngs)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
+            x, cache = layer(x, positions, segment_ids, cache, i, rngs)
+        if cache is not None:
+            cache = cache._replace(index=cache.index + t)
         x = self.final_norm(x)
-        new_cache = None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v), cache_segments)
-        if return_hidden:
-            return x, new_cache
-        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-        logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
-        return logits, new_cache
+        return (x if return_hidden else self.logits(x)), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Output logits [..., v] of final hidden states [..., d] (e.g. only the last position's)."""
+        logits = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        if logits.ndim == 3:
+            logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return logits

@@ -26,6 +26,10 @@ class CheckpointMismatchError(FlanjaxError, ValueError):
     """A checkpoint whose parameters do not fit the model being trained."""
 
 
+class CheckpointNotFoundError(FlanjaxError, FileNotFoundError):
+    pass
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 1000
@@ -44,7 +48,9 @@ def _flat(tree: Any) -> dict[str, Any]:
 
 
 class Checkpointer:
-    def __init__(self, model_dir: str, config: CheckpointConfig = CheckpointConfig()):
+    def __init__(self, model_dir: str, config: CheckpointConfig = CheckpointConfig(), read_only: bool = False):
+        """`read_only` (evaluation): never creates, deletes or cleans up anything, so it is safe
+        beside a run that is still training and saving."""
         self.directory = os.path.abspath(os.path.join(model_dir, "checkpoints"))
         self.config = config
         self.manager = ocp.CheckpointManager(
@@ -52,8 +58,9 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=config.keep,
                 enable_async_checkpointing=config.async_save,
-                cleanup_tmp_directories=True,
-                create=True,
+                cleanup_tmp_directories=not read_only,
+                create=not read_only,
+                read_only=read_only,
             ),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
         )
@@ -92,8 +99,26 @@ class Checkpointer:
             nnx.replace_by_pure_dict(state, restored["state"])
         return state, dict(restored["data"] or {})
 
+    def restore_model(self, step: int, abstract_model: Any) -> Any:
+        """Only the model's state (the first half of the saved (model, optimizer) state),
+        straight into `abstract_model`'s shardings: for evaluation, no optimizer state read."""
+        target = {0: _pure(abstract_model)}
+        self.check_compatible(step, target)
+        restored = ocp.PyTreeCheckpointer().restore(
+            os.path.join(self.directory, str(step), "state"),
+            args=ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            ),
+        )
+        state = jax.tree.map(lambda x: x, abstract_model)  # a copy to fill in
+        nnx.replace_by_pure_dict(state, restored[0])
+        return state
+
     def check_compatible(self, step: int, target: Any) -> None:
-        """Names the first parameter whose shape (or presence) differs from the model's."""
+        """Names the first parameter whose shape (or presence) differs from the model's, within
+        the parts of the saved state that `target` covers."""
         saved = _flat(self.manager.item_metadata(step)["state"])
         wanted = _flat(target)
         where = os.path.join(self.directory, str(step))
@@ -110,7 +135,8 @@ class Checkpointer:
                     f"expects {tuple(leaf.shape)}. The checkpoint was written by a model of "
                     "another shape; use a fresh model_dir or the matching model gin file."
                 )
-        extra = sorted(set(saved) - set(wanted))
+        parts = {name.split("/")[0] for name in wanted}
+        extra = sorted(name for name in set(saved) - set(wanted) if name.split("/")[0] in parts)
         if extra:
             raise CheckpointMismatchError(
                 f"checkpoint {where} has parameters the model lacks, e.g. {extra[0]}: it was "

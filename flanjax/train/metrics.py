@@ -51,7 +51,7 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_metrics(
-    metrics_path: str, png_path: str, keys: Iterable[str] = ("loss", "eval/loss"), title: str = ""
+    metrics_path: str, png_path: str, keys: Iterable[str] = ("loss", "validation/loss"), title: str = ""
 ) -> str:
     """Line plot of `keys` against step from a metrics.jsonl; returns the PNG path."""
     import matplotlib

@@ -36,3 +36,13 @@ def token_cross_entropy(
         correct=jnp.sum(correct * weights),
         weight=jnp.sum(weights),
     )
+
+
+def token_log_likelihoods(
+    logits: jax.Array,  # [b, t, v]
+    targets: jax.Array,  # [b, t]
+    weights: jax.Array,  # [b, t]; 0 where a token is not scored
+) -> jax.Array:
+    """log p(target | prefix) of each scored token (float32), 0 elsewhere: [b, t]."""
+    log_p = -optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.where(weights > 0, log_p, 0.0)

@@ -17,7 +17,9 @@ from flax import nnx
 from rich.table import Table
 
 from flanjax.data.pipeline import SeqioBatches, check_vocabulary, model_feature_lengths
-from flanjax.eval.evaluator import GenerationEvalConfig, GenerationEvaluator
+from flanjax.eval.evaluator import EvalConfig, Evaluator, TaskResult, flat_metrics
+from flanjax.eval.report import write_results
+from flanjax.eval.run import write_model_config
 from flanjax.models.transformer import Transformer, TransformerConfig
 from flanjax.sharding import MeshConfig, Partitioner, shardings_of
 from flanjax.train import throughput
@@ -46,7 +48,7 @@ def train(
     mesh: MeshConfig = MeshConfig(),
     checkpoint: CheckpointConfig = CheckpointConfig(),
     validation: ValidationConfig | None = ValidationConfig(),
-    generation_eval: GenerationEvalConfig | None = None,
+    evaluation: EvalConfig | None = None,
     pack: bool = True,
     shuffle: bool = True,
     num_microbatches: int = 1,
@@ -61,6 +63,8 @@ def train(
         mixture_or_task_name, task_feature_lengths, per_process, seed=seed, pack=pack, shuffle=shuffle
     )
     check_vocabulary(mixture_or_task_name, model.vocab_size)
+    if jax.process_index() == 0:
+        write_model_config(model_dir, model)  # lets `flanjax eval` rebuild the model
 
     init = lm_init(model, make_optimizer(optimizer, loop.num_steps), seed)
     graphdef, abstract_state = partitioner.abstract_state(init)
@@ -74,15 +78,24 @@ def train(
 
     hooks = {}
     if validation is not None:
-        hooks["eval"] = _validation_hook(
+        hooks["validation"] = _validation_hook(
             partitioner, graphdef, abstract_state,
             SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process,
                          split=validation.split, shuffle=False, pack=pack, num_epochs=1),
             validation.num_batches,
         )  # fmt: skip
-    if generation_eval is not None:
-        evaluator = GenerationEvaluator(generation_eval, mixture_or_task_name, task_feature_lengths, model_graphdef)
-        hooks["generate"] = lambda step, state: evaluator(step, state[0])
+    evaluations: dict[int, dict[str, TaskResult]] = {}
+    if evaluation is not None:
+        evaluator = Evaluator(
+            evaluation, model=model, graphdef=model_graphdef, partitioner=partitioner,
+            task_feature_lengths=task_feature_lengths, default_task=mixture_or_task_name,
+        )  # fmt: skip
+
+        def evaluate(step: int, state) -> dict[str, float]:
+            evaluations[step] = evaluator(step, state[0])
+            return flat_metrics(evaluations[step])
+
+        hooks["eval"] = evaluate
 
     seq_len = sum(task_feature_lengths.values())
     metrics = MetricsLog(model_dir)
@@ -109,6 +122,9 @@ def train(
     checkpointer.close()
     metrics.close()
     batches.close()
+    if evaluations:
+        last = max(evaluations)
+        write_results(evaluations[last], model_dir, last, checkpoint=os.path.join(checkpointer.directory, str(last)))
     if jax.process_index() == 0:
         png = plot_metrics(metrics.path, os.path.join(model_dir, "loss.png"))
         console.print(f"Loss curve: {png}")
@@ -155,17 +171,17 @@ def _validation_hook(partitioner: Partitioner, graphdef, abstract_state, source:
 
 
 def _print_eval_table(result: LoopResult) -> None:
-    """Per-task generation metrics: the first evaluation against the last."""
+    """Per-task metrics: the first evaluation against the last."""
     if len(result.evals) < 2:
         return
     first, last = min(result.evals), max(result.evals)
-    keys = sorted(k for k in result.evals[last] if k.startswith("generate/"))
+    keys = sorted(k for k in result.evals[last] if k.startswith("eval/"))
     if not keys:
         return
-    table = Table(title=f"Held-out generation metrics: step {first} vs step {last}")
+    table = Table(title=f"Held-out evaluation: step {first} vs step {last}")
     table.add_column("task / metric")
     table.add_column(f"step {first}" + (" (untrained)" if first == 0 else ""), justify="right")
     table.add_column(f"step {last}", justify="right")
     for k in keys:
-        table.add_row(k.removeprefix("generate/"), f"{result.evals[first].get(k, np.nan):.1f}", f"{result.evals[last][k]:.1f}")
+        table.add_row(k.removeprefix("eval/"), f"{result.evals[first].get(k, np.nan):.1f}", f"{result.evals[last][k]:.1f}")
     console.print(table)

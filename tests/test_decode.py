@@ -1,0 +1,168 @@
+"""Sampling filters, seeded sampling, stop tokens, sharded generation and scoring, each
+against a plain NumPy computation or full forward passes without a cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flanjax.decode import SamplingConfig, SequenceTooLongError, filter_logits, generate, next_token, score
+from flanjax.models.transformer import Transformer, TransformerConfig
+from flanjax.sharding import MeshConfig, Partitioner, make_mesh
+
+TINY = TransformerConfig(vocab_size=96, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64, max_len=32)
+
+
+def model_and_state(seed=0):
+    graphdef, state = nnx.split(Transformer(TINY, rngs=nnx.Rngs(seed)))
+    return graphdef, state
+
+
+def full_logits(graphdef, state, tokens) -> np.ndarray:
+    """Logits of a plain forward pass without cache, [b, t, v]."""
+    logits, _ = nnx.merge(graphdef, state)(jnp.asarray(tokens, jnp.int32))
+    return np.asarray(logits)
+
+
+# --- top-k / top-p against NumPy ---------------------------------------------------------------
+
+
+def allowed_numpy(logits: np.ndarray, top_k: int, top_p: float) -> set[int]:
+    order = np.argsort(-logits)
+    if top_k:
+        order = order[:top_k]
+    probs = np.exp(logits[order] - logits[order].max())
+    probs /= probs.sum()
+    before = np.cumsum(probs) - probs  # mass of the better-ranked tokens
+    return {int(t) for t, m in zip(order, before) if m < top_p}
+
+
+@pytest.mark.parametrize("top_k, top_p", [(1, 1.0), (5, 1.0), (0, 0.9), (0, 0.3), (10, 0.8), (0, 1e-6)])
+def test_top_k_top_p_keep_exactly_the_allowed_tokens(top_k, top_p):
+    logits = np.random.default_rng(top_k).normal(0, 2, (6, 50)).astype(np.float32)
+    filtered = np.asarray(filter_logits(jnp.asarray(logits), top_k, top_p))
+    for row, out in zip(logits, filtered):
+        kept = set(np.flatnonzero(np.isfinite(out)).tolist())
+        assert kept == allowed_numpy(row, top_k, top_p)
+        np.testing.assert_array_equal(out[list(kept)], row[list(kept)])  # kept logits unchanged
+    assert 0 < len(kept) < 50 or top_k == 0 and top_p == 1.0
+
+
+def test_sampling_follows_the_tempered_distribution():
+    logits = jnp.asarray([[1.0, 0.0, -1.0, 2.0]] * 20_000)
+    config = SamplingConfig(temperature=0.7)
+    draws = np.asarray(next_token(logits, jax.random.key(0), config))
+    expected = np.exp(np.array([1.0, 0.0, -1.0, 2.0]) / 0.7)
+    expected /= expected.sum()
+    np.testing.assert_allclose(np.bincount(draws, minlength=4) / len(draws), expected, atol=0.01)
+
+
+def test_sampling_draws_only_allowed_tokens_and_is_seeded():
+    graphdef, state = model_and_state()
+    prompts = jnp.asarray(np.random.default_rng(1).integers(1, TINY.vocab_size, (4, 6)), jnp.int32)
+    lengths = jnp.asarray([6, 3, 5, 1], jnp.int32)
+    config = SamplingConfig(max_new_tokens=8, temperature=1.5, top_k=3)
+    run = lambda seed: np.asarray(generate(graphdef, state, prompts, lengths, eos_id=-1, config=config, seed=seed).tokens)  # noqa: E731
+    first, again, other = run(0), run(0), run(1)
+    np.testing.assert_array_equal(first, again)
+    assert (first != other).any()
+    # Every drawn token is among the 3 likeliest after the sequence so far.
+    for row, n in enumerate(np.asarray(lengths)):
+        seq = list(np.asarray(prompts[row, :n]))
+        for token in first[row]:
+            top3 = np.argsort(-full_logits(graphdef, state, [seq])[0, -1])[:3]
+            assert token in top3
+            seq.append(token)
+
+
+# --- greedy generation: stop tokens, lengths, sharding ----------------------------------------
+
+
+def greedy_reference(graphdef, state, prompt, steps):
+    seq = list(prompt)
+    for _ in range(steps):
+        seq.append(int(np.argmax(full_logits(graphdef, state, [seq])[0, -1])))
+    return seq[len(prompt) :]
+
+
+def test_extra_stop_tokens_end_each_row():
+    graphdef, state = model_and_state(seed=3)
+    prompts = np.random.default_rng(2).integers(1, TINY.vocab_size, (3, 5)).astype(np.int32)
+    lengths = np.array([5, 2, 4], np.int32)
+    expected = np.array([greedy_reference(graphdef, state, p[:n], 6) for p, n in zip(prompts, lengths)])
+    stop = int(expected[1, 2])  # the third token of row 1: an end-of-turn token, say
+    out = generate(
+        graphdef, state, jnp.asarray(prompts), jnp.asarray(lengths), eos_id=-1,
+        config=SamplingConfig(max_new_tokens=6, stop_tokens=[stop]),
+    )  # fmt: skip
+    for row, tokens, n in zip(expected, np.asarray(out.tokens), np.asarray(out.lengths)):
+        hits = np.flatnonzero(row == stop)
+        keep = hits[0] + 1 if len(hits) else 6  # up to and including the first stop token
+        assert n == keep
+        np.testing.assert_array_equal(tokens[:keep], row[:keep])
+        assert not tokens[keep:].any()
+
+
+def test_prompt_longer_than_the_model_allows():
+    graphdef, state = model_and_state()
+    prompts = jnp.ones((2, 30), jnp.int32)
+    with pytest.raises(SequenceTooLongError, match="max_len=32"):
+        generate(graphdef, state, prompts, jnp.asarray([30, 30]), eos_id=1, config=SamplingConfig(max_new_tokens=8))
+
+
+@pytest.mark.parametrize("mesh", [MeshConfig(data=2, fsdp=2, tensor=2), MeshConfig(data=4, tensor=2)])
+def test_sharded_generation_and_scoring_equal_a_single_device(mesh):
+    init = lambda: Transformer(TINY, rngs=nnx.Rngs(5))  # noqa: E731
+    rng = np.random.default_rng(3)
+    host = {
+        "prompts": rng.integers(1, TINY.vocab_size, (8, 7)).astype(np.int32),
+        "lengths": rng.integers(1, 8, 8).astype(np.int32),
+    }
+    rows = scoring_rows(rng, 8, 12)
+    results = []
+    for partitioner in (Partitioner(make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])), Partitioner.from_config(mesh)):
+        graphdef, abstract = partitioner.abstract_state(init)
+        with partitioner.activate():
+            state = partitioner.create(init, abstract)
+            batch = partitioner.shard_batch(host)
+            out = generate(graphdef, state, batch["prompts"], batch["lengths"], eos_id=-1, config=SamplingConfig(max_new_tokens=5))
+            scores = score(graphdef, state, partitioner.shard_batch(rows))
+        results.append((np.asarray(out.tokens), np.asarray(scores.log_likelihood)))
+    np.testing.assert_array_equal(results[1][0], results[0][0])
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-5)
+
+
+# --- scoring against full forward passes -------------------------------------------------------
+
+
+def scoring_rows(rng, batch, width):
+    """Decoder features of unpacked rows: a prefix (weight 0), a continuation (weight 1), padding."""
+    tokens = rng.integers(1, TINY.vocab_size, (batch, width + 1)).astype(np.int32)
+    prefix = rng.integers(1, width // 2, batch)
+    total = rng.integers(width // 2 + 1, width + 1, batch)
+    cols = np.arange(width)
+    weights = ((cols >= prefix[:, None]) & (cols < total[:, None])).astype(np.int32)
+    segments = (cols < total[:, None]).astype(np.int32)
+    return {
+        "decoder_input_tokens": tokens[:, :-1] * segments,
+        "decoder_target_tokens": tokens[:, 1:] * segments,
+        "decoder_loss_weights": weights,
+        "decoder_segment_ids": segments,
+        "decoder_positions": np.broadcast_to(cols, (batch, width)).astype(np.int32),
+    }
+
+
+def test_score_equals_log_softmax_of_a_full_forward_pass():
+    graphdef, state = model_and_state(seed=7)
+    rows = scoring_rows(np.random.default_rng(4), 5, 10)
+    out = score(graphdef, state, {k: jnp.asarray(v) for k, v in rows.items()})
+    for i in range(5):
+        n = int(rows["decoder_segment_ids"][i].sum())
+        logits = full_logits(graphdef, state, rows["decoder_input_tokens"][i : i + 1, :n])[0].astype(np.float64)
+        log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+        expected = log_probs[np.arange(n), rows["decoder_target_tokens"][i, :n]] * rows["decoder_loss_weights"][i, :n]
+        np.testing.assert_allclose(np.asarray(out.token_log_likelihoods[i, :n]), expected, atol=1e-5)
+        assert not np.asarray(out.token_log_likelihoods[i, n:]).any()
+        np.testing.assert_allclose(float(out.log_likelihood[i]), expected.sum(), atol=1e-4)
+        assert int(out.num_tokens[i]) == rows["decoder_loss_weights"][i].sum()

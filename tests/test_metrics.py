@@ -1,0 +1,405 @@
+"""Tests of flanjax's evaluation metrics (flanjax.eval.metrics, flanjax.eval.rank_classification).
+
+Expected values come from T5's own metric functions, preprocessor and postprocessor
+(`t5.evaluation.metrics`, `t5.data.preprocessors`, `t5.data.postprocessors`): the
+implementations FLAN reports its numbers with. Where T5's path differs by design (BLEU with
+several references per example), the expectation is sacrebleu called directly.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import sacrebleu
+import t5.data.postprocessors as t5_postprocessors
+import t5.data.preprocessors as t5_preprocessors
+import t5.evaluation.metrics as t5_metrics
+import tensorflow as tf
+
+from flanjax.eval import metrics
+from flanjax.eval.rank_classification import (
+    rank_classification,
+    rank_classification_metric,
+    rank_classification_targets,
+)
+
+TOL = 1e-9
+
+# --- inputs ----------------------------------------------------------------------------------
+
+# Translation-like pairs: exact, partial overlap, reordering, punctuation and case changes.
+BLEU_REFERENCES = [
+    "The cat sat on the mat near the window.",
+    "He went to the market to buy fresh bread and milk.",
+    "The committee will announce its decision on Monday morning.",
+    "Rain is expected across the north of the country tomorrow.",
+    "She has lived in Berlin for almost ten years.",
+    "Please turn off the lights when you leave the room.",
+]
+BLEU_PREDICTIONS = [
+    "The cat sat on the mat by the window.",
+    "He went to the market and bought bread and milk.",
+    "The committee announces its decision on Monday.",
+    "Tomorrow rain is expected in the north of the country.",
+    "She has lived in Berlin for ten years.",
+    "please turn the lights off when leaving the room",
+]
+BLEU_SECOND_REFERENCES = [
+    "A cat was sitting on the mat by the window.",
+    "He went to the market and bought fresh bread and milk.",
+    "On Monday morning the committee will announce its decision.",
+    "Tomorrow, rain is expected in the north of the country.",
+    "She has been living in Berlin for nearly ten years.",
+    "Turn the lights off when you leave the room, please.",
+]
+
+ROUGE_TARGETS = [
+    "the central bank raised interest rates by half a point . markets fell sharply after the announcement .",
+    "a new species of frog was discovered in the rainforest of peru .",
+    "the city council approved the budget for the new library .",
+    "heavy snow closed several roads in the mountains overnight .",
+    "the team won the championship after a dramatic penalty shootout .",
+    "scientists warn that the glacier is melting faster than expected . sea levels could rise .",
+]
+ROUGE_PREDICTIONS = [
+    "the central bank raised rates by half a point . markets dropped after the news .",
+    "researchers found a new frog species in peru .",
+    "council approves library budget .",
+    "several mountain roads were closed by heavy snow .",
+    "the team lost the final on penalties .",
+    "the glacier is melting faster than scientists expected . sea levels may rise .",
+]
+
+SQUAD_TARGETS = [
+    ["Eiffel Tower", "the Eiffel Tower"],
+    ["Paris"],
+    ["1889", "in 1889"],
+    ["Gustave Eiffel", "Eiffel"],
+    ["wrought iron"],
+    ["330 metres", "330 m", "1,083 ft"],
+    ["the Seine"],
+]
+SQUAD_PREDICTIONS = [
+    "The Eiffel Tower.",  # differs in case, article and punctuation only
+    "paris!",  # case and punctuation
+    "in the year 1889",  # partial overlap
+    "Alexandre Gustave Eiffel",  # partial overlap
+    "steel",  # wrong
+    "about 330 metres tall",  # partial overlap
+    "A Seine",  # article only
+]
+
+
+def _assert_close(actual: dict, expected: dict, keys) -> None:
+    for key in keys:
+        assert actual[key] == pytest.approx(expected[key], abs=TOL), key
+
+
+# --- accuracy, exact match, F1, correlations --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "targets, predictions",
+    [
+        (["positive", "negative", "neutral", "positive", "negative"], ["positive", "positive", "neutral", "Positive", "negative"]),
+        ([0, 1, 2, 1, 0, 2, 2], [0, 1, 1, 1, 2, 2, 0]),
+    ],
+    ids=["strings", "ints"],
+)  # fmt: skip
+def test_accuracy_matches_t5(targets, predictions):
+    ours = metrics.accuracy(targets, predictions)
+    assert ours["accuracy"] == pytest.approx(t5_metrics.accuracy(targets, predictions)["accuracy"], abs=TOL)
+    assert 0 < ours["accuracy"] < 100
+
+
+def test_macro_f1_matches_t5_mean_multiclass_f1():
+    targets = [0, 1, 2, 2, 1, 0, 0, 2, 1, 2]
+    predictions = [0, 2, 2, 1, 1, 0, 1, 2, 1, 0]
+    expected = t5_metrics.mean_multiclass_f1(num_classes=3)(targets, predictions)["mean_3class_f1"]
+    ours = metrics.macro_f1(targets, predictions)["f1"]
+    assert ours == pytest.approx(expected, abs=TOL)
+    assert 0 < ours < 100
+
+
+def test_pearson_and_spearman_match_t5():
+    targets = [0.0, 1.2, 2.5, 3.0, 3.8, 4.4, 5.0, 2.5]
+    predictions = [0.4, 1.0, 2.9, 2.7, 4.1, 3.9, 4.8, 1.5]
+    for ours_fn, t5_fn, key in [
+        (metrics.pearson_corrcoef, t5_metrics.pearson_corrcoef, "pearson_corrcoef"),
+        (metrics.spearman_corrcoef, t5_metrics.spearman_corrcoef, "spearman_corrcoef"),
+    ]:
+        ours = ours_fn(targets, predictions)[key]
+        assert ours == pytest.approx(t5_fn(targets, predictions)[key], abs=TOL), key
+        assert 0 < ours < 100, key
+
+
+def test_exact_match_strips_surrounding_spaces_only():
+    targets = [" yes", "no ", "Maybe", "not sure"]
+    predictions = ["yes", " no", "maybe", "not  sure"]
+    assert metrics.exact_match(targets, predictions) == {"exact_match": 50.0}
+    with pytest.raises(ValueError):
+        metrics.exact_match(["yes", "no"], ["yes"])
+
+
+@pytest.mark.parametrize(
+    "metric",
+    [
+        metrics.exact_match,
+        metrics.accuracy,
+        metrics.macro_f1,
+        metrics.bleu,
+        metrics.rouge,
+        metrics.squad,
+        metrics.pearson_corrcoef,
+        metrics.spearman_corrcoef,
+    ],
+    ids=lambda fn: fn.__name__,
+)
+def test_metrics_reject_empty_inputs(metric):
+    with pytest.raises(ValueError):
+        metric([], [])
+
+
+def test_rank_classification_metric_rejects_empty_inputs():
+    with pytest.raises(ValueError):
+        rank_classification_metric([], [])
+
+
+# --- BLEU ------------------------------------------------------------------------------------
+
+
+def test_bleu_matches_t5_single_reference():
+    ours = metrics.bleu(BLEU_REFERENCES, BLEU_PREDICTIONS)["bleu"]
+    assert ours == pytest.approx(t5_metrics.bleu(BLEU_REFERENCES, BLEU_PREDICTIONS)["bleu"], abs=TOL)
+    assert 0 < ours < 100
+    # A list of one reference per example is the same as plain strings.
+    assert metrics.bleu([[r] for r in BLEU_REFERENCES], BLEU_PREDICTIONS)["bleu"] == pytest.approx(ours, abs=TOL)
+
+
+def test_bleu_multiple_references_matches_sacrebleu():
+    targets = [[a, b] for a, b in zip(BLEU_REFERENCES, BLEU_SECOND_REFERENCES)]
+    expected = sacrebleu.corpus_bleu(
+        BLEU_PREDICTIONS, [BLEU_REFERENCES, BLEU_SECOND_REFERENCES],  # one stream per reference
+        smooth_method="exp", smooth_value=0.0, force=False, lowercase=False, tokenize="intl", use_effective_order=False,
+    ).score  # fmt: skip
+    ours = metrics.bleu(targets, BLEU_PREDICTIONS)["bleu"]
+    assert ours == pytest.approx(expected, abs=TOL)
+    # The second references count: the score is not the single-reference one.
+    assert ours > metrics.bleu(BLEU_REFERENCES, BLEU_PREDICTIONS)["bleu"] + 1.0
+
+
+# --- ROUGE -----------------------------------------------------------------------------------
+
+
+def test_rouge_matches_t5():
+    np.random.seed(0)  # T5's bootstrap draws from numpy's global generator
+    expected = t5_metrics.rouge(ROUGE_TARGETS, ROUGE_PREDICTIONS)
+    ours = metrics.rouge(ROUGE_TARGETS, ROUGE_PREDICTIONS)
+    assert set(ours) == {"rouge1", "rouge2", "rougeLsum"}
+    _assert_close(ours, expected, ["rouge1", "rouge2", "rougeLsum"])
+    assert all(0 < value < 100 for value in ours.values())
+
+
+def test_rouge_leaves_global_rng_untouched():
+    np.random.seed(1234)
+    before = np.random.get_state()
+    metrics.rouge(ROUGE_TARGETS, ROUGE_PREDICTIONS)
+    after = np.random.get_state()
+    assert before[0] == after[0]
+    np.testing.assert_array_equal(before[1], after[1])
+    assert before[2:] == after[2:]
+
+
+# --- SQuAD -----------------------------------------------------------------------------------
+
+
+def test_squad_matches_t5():
+    expected = t5_metrics.squad(SQUAD_TARGETS, SQUAD_PREDICTIONS)
+    ours = metrics.squad(SQUAD_TARGETS, SQUAD_PREDICTIONS)
+    _assert_close(ours, expected, ["em", "f1"])
+    assert 0 < ours["em"] < ours["f1"] < 100
+
+
+def test_squad_accepts_plain_string_targets():
+    targets = [answers[0] for answers in SQUAD_TARGETS]
+    ours = metrics.squad(targets, SQUAD_PREDICTIONS)
+    _assert_close(ours, metrics.squad([[t] for t in targets], SQUAD_PREDICTIONS), ["em", "f1"])
+    _assert_close(ours, t5_metrics.squad([[t] for t in targets], SQUAD_PREDICTIONS), ["em", "f1"])
+
+
+# --- rank classification: preprocessor and postprocessor -------------------------------------
+
+RANK_EXAMPLES = [
+    {"inputs": "Is the sky blue on a clear day? OPTIONS: yes, no", "targets": "yes", "options": ["yes", "no"]},
+    {
+        "inputs": "Premise: A man plays a guitar. Hypothesis: A man makes music. OPTIONS: yes, it is not possible to tell, no",
+        "targets": "yes",
+        "options": ["no", "it is not possible to tell", "yes"],
+    },
+    {"inputs": "Which is larger, a mouse or an elephant?", "targets": "an elephant", "options": ["a mouse", "an elephant"]},
+]
+
+
+def _rank_dataset() -> tf.data.Dataset:
+    def generate():
+        for example in RANK_EXAMPLES:
+            yield {
+                "inputs": tf.constant(example["inputs"]),
+                "targets": tf.constant(example["targets"]),
+                "options": tf.constant(example["options"]),
+            }
+
+    signature = {
+        "inputs": tf.TensorSpec([], tf.string),
+        "targets": tf.TensorSpec([], tf.string),
+        "options": tf.TensorSpec([None], tf.string),
+    }
+    return tf.data.Dataset.from_generator(generate, output_signature=signature)
+
+
+def _rows(ds: tf.data.Dataset) -> list[tuple]:
+    return [
+        (tuple(row["idx"].tolist()), row["inputs"], row["targets"], bool(row["is_correct"]))
+        for row in ds.as_numpy_iterator()
+    ]
+
+
+def test_rank_classification_preprocessor_matches_t5():
+    ours = rank_classification(_rank_dataset())
+    theirs = t5_preprocessors.rank_classification(
+        _rank_dataset(),
+        inputs_fn=lambda ex: tf.fill(tf.shape(ex["options"]), ex["inputs"]),
+        targets_fn=lambda ex: ex["options"],
+        is_correct_fn=lambda ex: tf.equal(ex["options"], ex["targets"]),
+        mode="eval",
+    )
+    assert ours.element_spec == theirs.element_spec
+    rows = _rows(ours)
+    assert rows == _rows(theirs)
+    assert len(rows) == 7 and sum(row[3] for row in rows) == 3
+    assert [row[0] for row in rows] == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]
+
+
+@pytest.mark.parametrize("weight", [None, np.float32(0.25)], ids=["no_weight", "weight"])
+def test_rank_classification_targets_matches_t5(weight):
+    example = {
+        "idx": np.array([4, 2], np.int32),
+        "inputs": np.array([71, 12, 9, 1], np.int32),
+        "targets": np.array([37, 5, 1], np.int32),
+        "is_correct": np.bool_(True),
+    }
+    if weight is not None:
+        example["weight"] = weight
+    ours = rank_classification_targets(None, example=example, is_target=True)
+    theirs = t5_postprocessors.rank_classification(None, example=example, is_target=True)
+    assert ours == theirs
+    assert ours == ((4, 2), True, 1.0 if weight is None else 0.25, 3)
+
+
+def test_rank_classification_targets_passes_scores_through():
+    score = -4.25
+    assert rank_classification_targets(score, example=None, is_target=False) == score
+    assert t5_postprocessors.rank_classification(score, example=None, is_target=False) == score
+
+
+# --- rank classification: metric ------------------------------------------------------------
+
+
+def _rank_inputs(examples, shuffle_seed: int | None = None):
+    """(correct option, [(score, target length) per option], weight) per example ->
+    (targets, scores) in the postprocessor's layout, optionally in shuffled order."""
+    pairs = [
+        (((i, j), j == correct, weight, length), score)
+        for i, (correct, options, weight) in enumerate(examples)
+        for j, (score, length) in enumerate(options)
+    ]
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(pairs)
+    targets, scores = zip(*pairs)
+    return list(targets), list(scores)
+
+
+def test_rank_classification_metric_variable_options_matches_t5():
+    examples = [
+        (0, [(-3.1, 2), (-5.4, 3)], 1.0),  # right
+        (2, [(-7.0, 4), (-2.2, 2), (-4.9, 3)], 1.0),  # wrong
+        (1, [(-6.3, 3), (-1.7, 1)], 1.0),  # right
+        (3, [(-9.1, 5), (-8.4, 4), (-3.3, 2), (-4.0, 3)], 1.0),  # wrong
+        (1, [(-2.5, 2), (-2.4, 2), (-8.8, 6)], 1.0),  # right
+    ]
+    targets, scores = _rank_inputs(examples, shuffle_seed=0)
+    assert [t[0] for t in targets] != sorted(t[0] for t in targets)  # really out of order
+    ours = rank_classification_metric(targets, scores)
+    theirs = t5_metrics.rank_classification(targets, scores)
+    assert set(ours) == {"accuracy"}
+    assert ours["accuracy"] == pytest.approx(theirs["accuracy"], abs=TOL)
+    assert ours["accuracy"] == pytest.approx(60.0)
+
+
+BINARY_EXAMPLES = [
+    (1, [(-4.0, 2), (-1.5, 2)], 1.0),  # right (1)
+    (0, [(-0.9, 2), (-3.2, 2)], 1.0),  # right (0)
+    (1, [(-1.1, 2), (-2.7, 2)], 1.0),  # wrong (predicts 0)
+    (0, [(-3.5, 2), (-0.4, 2)], 1.0),  # wrong (predicts 1)
+    (1, [(-6.0, 2), (-2.0, 2)], 1.0),  # right (1)
+    (0, [(-1.3, 2), (-1.8, 2)], 1.0),  # right (0)
+    (1, [(-5.1, 2), (-0.8, 2)], 1.0),  # right (1)
+]
+
+
+def test_rank_classification_metric_binary_matches_t5():
+    targets, scores = _rank_inputs(BINARY_EXAMPLES, shuffle_seed=1)
+    ours = rank_classification_metric(targets, scores, num_classes=2)
+    theirs = t5_metrics.rank_classification(targets, scores, num_classes=2)
+    assert set(ours) == {"accuracy", "f1"}
+    _assert_close(ours, theirs, ["accuracy", "f1"])
+    assert 0 < ours["f1"] < 100 and ours["f1"] != pytest.approx(ours["accuracy"])
+
+
+def test_rank_classification_metric_three_classes_matches_t5():
+    examples = [
+        (0, [(-1.0, 1), (-2.0, 1), (-3.0, 1)], 1.0),  # right
+        (1, [(-2.5, 1), (-0.7, 1), (-1.9, 1)], 1.0),  # right
+        (2, [(-1.2, 1), (-3.3, 1), (-2.1, 1)], 1.0),  # wrong (0)
+        (2, [(-4.4, 1), (-2.9, 1), (-0.6, 1)], 1.0),  # right
+        (1, [(-3.0, 1), (-2.2, 1), (-1.4, 1)], 1.0),  # wrong (2)
+        (0, [(-2.8, 1), (-0.9, 1), (-3.6, 1)], 1.0),  # wrong (1)
+        (1, [(-5.0, 1), (-1.1, 1), (-2.4, 1)], 1.0),  # right
+    ]
+    targets, scores = _rank_inputs(examples)
+    ours = rank_classification_metric(targets, scores, num_classes=3)
+    theirs = t5_metrics.rank_classification(targets, scores, num_classes=3)
+    assert ours["accuracy"] == pytest.approx(theirs["accuracy"], abs=TOL)
+    assert ours["f1"] == pytest.approx(theirs["mean_3class_f1"], abs=TOL)
+    assert 0 < ours["f1"] < 100
+
+
+@pytest.mark.parametrize("num_classes", [None, 2])
+def test_rank_classification_metric_weights_match_t5(num_classes):
+    """Weights are per example (the preprocessor fills one weight over all its options)."""
+    examples = [(c, options, w) for (c, options, _), w in zip(BINARY_EXAMPLES, [1.0, 2.0, 0.5, 3.0, 1.0, 0.25, 1.5])]
+    targets, scores = _rank_inputs(examples)
+    ours = rank_classification_metric(targets, scores, num_classes=num_classes)
+    theirs = t5_metrics.rank_classification(targets, scores, num_classes=num_classes)
+    _assert_close(ours, theirs, ours.keys())
+    unweighted = rank_classification_metric(*_rank_inputs(BINARY_EXAMPLES), num_classes=num_classes)
+    assert ours["accuracy"] != pytest.approx(unweighted["accuracy"])
+
+
+def test_rank_classification_metric_length_normalisation_matches_t5():
+    examples = [
+        (0, [(-6.0, 6), (-4.0, 2)], 1.0),  # raw: 1 (wrong); per token: 0 (right)
+        (1, [(-3.0, 1), (-4.5, 3), (-7.0, 2)], 1.0),  # raw: 0 (wrong); per token: 1 (right)
+        (0, [(-1.0, 1), (-9.0, 3)], 1.0),  # right either way
+        (2, [(-2.0, 2), (-8.0, 4), (-3.0, 1)], 1.0),  # raw: 0 (wrong); per token: 0 (wrong)
+    ]
+    targets, scores = _rank_inputs(examples, shuffle_seed=2)
+    normalised = rank_classification_metric(targets, scores, normalize_by_length=True)
+    raw = rank_classification_metric(targets, scores)
+    assert normalised["accuracy"] == pytest.approx(
+        t5_metrics.rank_classification(targets, scores, normalize_by_target_length=True)["accuracy"], abs=TOL
+    )
+    assert raw["accuracy"] == pytest.approx(t5_metrics.rank_classification(targets, scores)["accuracy"], abs=TOL)
+    assert (raw["accuracy"], normalised["accuracy"]) == (pytest.approx(25.0), pytest.approx(75.0))
