@@ -22,7 +22,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/vs_torch.py train
+	$(PY) benchmarks/vs_torch.py decode
+	$(VENV)/bin/flanjax bench rank
 
 clean:
 	rm -rf $(VENV) runs
