@@ -83,6 +83,10 @@ def bench_train(
     }
 
 
+def _describe(config: TransformerConfig, model_name: str, **shape) -> dict:
+    return {"framework": "flanjax", "model": model_name, **shape, "params": config.num_params(), "dtype": config.dtype}
+
+
 def _environment() -> dict:
     return {
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -132,13 +136,7 @@ def bench_decode(
         seconds = _median_seconds(lambda: run(new_tokens), repeats, warmup)
         prefill = _median_seconds(lambda: run(1), repeats, warmup)  # the prompt pass and one token
     return {
-        "framework": "flanjax",
-        "model": model_name,
-        "batch_size": batch_size,
-        "prompt_len": prompt_len,
-        "new_tokens": new_tokens,
-        "params": config.num_params(),
-        "dtype": config.dtype,
+        **_describe(config, model_name, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens),
         "seconds": seconds,
         "new_tokens_per_s": batch_size * new_tokens / seconds,
         "prefill_s": prefill,
@@ -168,13 +166,7 @@ def bench_rank(
         batch = partitioner.shard_batch(rows)
         seconds = _median_seconds(lambda: score(graphdef, state, batch), repeats, warmup)
     return {
-        "framework": "flanjax",
-        "model": model_name,
-        "batch_size": batch_size,
-        "prompt_len": prompt_len,
-        "option_len": option_len,
-        "params": config.num_params(),
-        "dtype": config.dtype,
+        **_describe(config, model_name, batch_size=batch_size, prompt_len=prompt_len, option_len=option_len),
         "seconds_per_batch": seconds,
         "options_per_s": batch_size / seconds,
         **_environment(),

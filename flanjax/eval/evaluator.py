@@ -87,6 +87,9 @@ class Evaluator:
             use_memory_cache=True,
             async_compute_metrics=False,
         )
+        # Per generation task, found again by its cached dataset (all seqio passes predict_fn):
+        # (prompt width, sampling, EOS id), fixed once here rather than at every evaluation.
+        self._generation: dict[int, tuple[int, SamplingConfig, int]] = {}
         self.num_examples = {task.name: self._check_task(task) for task in self.seqio_evaluator.eval_tasks}
 
     def _check_task(self, task: seqio.Task) -> int:
@@ -102,21 +105,20 @@ class Evaluator:
                 "(--gin.transformer.TransformerConfig.max_len=N)."
             )
         if any(m.model_output_type == seqio.metrics.ModelOutputType.PREDICTION for m in task.metric_objs):
-            prompt_width, sampling = self._generation_shape(rows)
+            # The longest prompt (inputs and the start token) and the longest target.
+            prompt_width = max(int(ex["decoder_causal_attention"].sum()) for ex in rows)
+            longest_target = max(int(ex["decoder_loss_weights"].sum()) for ex in rows)
+            sampling = self.config.sampling or SamplingConfig(max_new_tokens=longest_target)
             try:
                 check_length(self.model, prompt_width, sampling.max_new_tokens)
             except SequenceTooLongError as e:
                 raise SequenceTooLongError(f"task {task.name!r}: {e}") from None
+            eos_id = task.output_features["targets"].vocabulary.eos_id
+            self._generation[id(self.seqio_evaluator.cached_model_datasets[task.name])] = (prompt_width, sampling, eos_id)
         task_rows = list(self.seqio_evaluator.cached_task_datasets[task.name].as_numpy_iterator())
         if "idx" in task_rows[0]:  # rank classification: rows are options, idx[0] the example
             return len({int(ex["idx"][0]) for ex in task_rows})
         return len(task_rows)
-
-    def _generation_shape(self, rows: list[Mapping[str, np.ndarray]]) -> tuple[int, SamplingConfig]:
-        """The longest prompt (inputs and the start token) and how far to decode."""
-        prompt_width = max(int(ex["decoder_causal_attention"].sum()) for ex in rows)
-        longest_target = max(int(ex["decoder_loss_weights"].sum()) for ex in rows)
-        return prompt_width, self.config.sampling or SamplingConfig(max_new_tokens=longest_target)
 
     def __call__(self, step: int, model_state: nnx.State) -> dict[str, TaskResult]:
         """Metrics of every task for `model_state` (the model's state, not the optimizer's)."""
@@ -133,16 +135,15 @@ class Evaluator:
         }
 
     def _predict(self, ds, model_state: nnx.State) -> list[tuple[int, list[int]]]:
-        rows = list(ds.as_numpy_iterator())
-        width, sampling = self._generation_shape([ex for _, ex in rows])
+        width, sampling, eos_id = self._generation[id(ds)]
         out = []
-        for indices, batch in self._batches(rows):
+        for indices, batch in self._batches(list(ds.as_numpy_iterator())):
             lengths = batch["decoder_causal_attention"].sum(axis=1).astype(np.int32)
             prompts = np.where(np.arange(width) < lengths[:, None], batch["decoder_input_tokens"][:, :width], 0)
             local = self._local({"prompts": prompts, "lengths": np.maximum(lengths, 1)})
             generation = generate(
                 self.graphdef, model_state, local["prompts"], local["lengths"],
-                eos_id=self._eos_id, config=sampling, seed=self.config.seed,
+                eos_id=eos_id, config=sampling, seed=self.config.seed,
             )  # fmt: skip
             # Whole rows (0 after each stop token): seqio stacks them and cuts at EOS itself.
             tokens = self._gather(generation.tokens)
@@ -155,10 +156,6 @@ class Evaluator:
             scores = score(self.graphdef, model_state, self._local(batch))
             out += [(i, float(s)) for i, s in zip(indices, self._gather(scores.log_likelihood)) if i >= 0]
         return out
-
-    @property
-    def _eos_id(self) -> int:
-        return self.seqio_evaluator.eval_tasks[0].output_features["targets"].vocabulary.eos_id
 
     def _batches(self, rows: list) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Full global batches of model features; padding rows have index -1."""
