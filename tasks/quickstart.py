@@ -35,7 +35,7 @@ import seqio
 import tensorflow as tf
 
 from flanjax.data.templates import Template, check_templates, templates_preprocessor
-from flanjax.data.vocab import HFVocabulary
+from flanjax.data.vocab import HFVocabulary, train_tokenizer
 from flanjax.eval.metrics import exact_match
 from flanjax.eval.rank_classification import rank_classification, rank_classification_metric, rank_classification_targets
 
@@ -189,22 +189,7 @@ def tokenizer_dir() -> str:
     path = os.path.join(cache, f"quickstart_tokenizer_{hashlib.sha1(chr(0).join(corpus).encode()).hexdigest()[:12]}")
     if os.path.isdir(path):
         return path
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=["<pad>", "</s>", "<unk>"],  # ids 0, 1, 2: seqio pads with 0
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast = train_tokenizer(corpus, vocab_size=512, individual_digits=True)
     os.makedirs(cache, exist_ok=True)
     staging = tempfile.mkdtemp(dir=cache, prefix=".tokenizer-")
     fast.save_pretrained(staging)

@@ -17,3 +17,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def repo_root() -> str:
     return REPO_ROOT
+
+
+def pytest_configure(config):
+    # Templated tasks (FLAN's, the README's) tokenize with the default vocabulary: point it at
+    # the quickstart's byte-level BPE, trained on the spot (any text encodes).
+    if "FLANJAX_TOKENIZER" not in os.environ:
+        import tasks.quickstart
+
+        os.environ["FLANJAX_TOKENIZER"] = tasks.quickstart.tokenizer_dir()

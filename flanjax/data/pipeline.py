@@ -53,6 +53,24 @@ def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
     return provider
 
 
+def text_examples(task_name: str, split: str = "train", n: int = 5) -> list[dict]:
+    """The first `n` examples of a task as text: its preprocessing up to tokenization."""
+    task = get_task_or_mixture(task_name)
+    if not isinstance(task, seqio.Task):
+        raise TaskNotFoundError(f"{task_name!r} is a mixture; name one of its tasks: {', '.join(t.name for t in task.tasks)}.")
+    if split not in task.splits:
+        raise TaskNotFoundError(f"task {task_name!r} has no split {split!r}; it has {', '.join(task.splits)}.")
+    ds = task.source.get_dataset(split, shuffle=False)
+    for step in task.preprocessors:
+        if step in _TOKENIZERS:
+            break
+        ds = step(ds)
+    return list(ds.take(n).as_numpy_iterator())
+
+
+_TOKENIZERS = (seqio.preprocessors.tokenize, seqio.preprocessors.tokenize_and_append_eos)
+
+
 def _registered(name: str) -> bool:
     return name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names()
 

@@ -11,6 +11,7 @@ import functools
 import os
 from collections.abc import Callable, Iterable, Sequence
 
+import gin
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -99,3 +100,39 @@ class HFVocabulary(seqio.Vocabulary):
 
     def __hash__(self) -> int:
         return hash(self.path)
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int, individual_digits: bool = False) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `corpus` (any text encodes; ids 0, 1, 2 are
+    <pad>, </s>, <unk>: seqio pads with 0). For tests, benchmarks and the quickstart."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    splitters = [pre_tokenizers.Digits(individual_digits=True)] if individual_digits else []
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*splitters, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+@gin.configurable(module="flanjax")
+def default_tokenizer(path: str | None = None) -> str:
+    """Directory of the tokenizer that tasks registered without a vocabulary of their own
+    (FLAN's) use: gin's `flanjax.default_tokenizer.path`, else $FLANJAX_TOKENIZER."""
+    path = path or os.environ.get("FLANJAX_TOKENIZER")
+    if not path:
+        raise TokenizerNotFoundError(
+            "no tokenizer set for the templated tasks (FLAN and your own): pass "
+            "--gin.flanjax.default_tokenizer.path=DIR, or set FLANJAX_TOKENIZER=DIR, where DIR "
+            "holds the model's Hugging Face tokenizer files (`hf download MODEL --local-dir DIR`)."
+        )
+    return path
+
+
+DEFAULT_VOCABULARY = HFVocabulary(default_tokenizer)
