@@ -4,7 +4,8 @@
     flanjax eval --gin_file=configs/runs/eval.gin --gin.CHECKPOINT_PATH=runs/x --gin.MIXTURE_OR_TASK_NAME=quickstart_eval
     flanjax bench train --model=bench_27m --batch_size=8 --seq_len=256
     flanjax bench decode --model=bench_27m --batch_size=8 --prompt_len=128 --new_tokens=128
-    flanjax tasks list
+    flanjax tasks list --cluster nli --json
+    flanjax tasks preview flan_rte -n 2 --mock
 
 Configuration is gin, t5x style: `--gin_file` (repeatable; files `include` each other) and
 `--gin.KEY=VALUE` bindings applied after the files. The parsed config is written to
@@ -151,6 +152,12 @@ def configured_value(value):
 def cmd_bench(args: argparse.Namespace, bindings: list[str]) -> int:
     from flanjax import benchmark
 
+    if args.what == "pipeline":
+        import importlib
+
+        importlib.import_module("tasks.flan")
+        print(json.dumps(benchmark.bench_pipeline(args.mixture, batch_size=args.batch_size, batches=args.steps, warmup=args.warmup)))
+        return 0
     config = model_config(args.model, bindings)
     if args.dtype:
         import dataclasses
@@ -170,18 +177,58 @@ def cmd_bench(args: argparse.Namespace, bindings: list[str]) -> int:
 def cmd_tasks(args: argparse.Namespace, bindings: list[str]) -> int:
     import importlib
 
-    import seqio
-
     for module in args.module:
         importlib.import_module(module)
-    names = sorted(seqio.TaskRegistry.names())
-    mixtures = sorted(seqio.MixtureRegistry.names())
+    if args.action == "list":
+        return _list_tasks(args)
+    return _preview_task(args)
+
+
+def _list_tasks(args: argparse.Namespace) -> int:
+    import seqio
+
+    from flanjax.data import templated
+
+    listed = [t.describe() for t in templated.templated_tasks(args.cluster)]
+    if args.cluster is None:  # plain seqio tasks too, except templated tasks' variants
+        variants = {n for t in listed for n in (t["eval_task"], t["fewshot_task"])}
+        for name in sorted(set(seqio.TaskRegistry.names()) - variants - {t["name"] for t in listed}):
+            task = seqio.TaskRegistry.get(name)
+            listed.append({"name": name, "cluster": None, "source": type(task.source).__name__, "templates": None,
+                           "turned_around": None, "metrics": [getattr(m, "__name__", "metric") for m in task.metric_fns]})  # fmt: skip
     if args.json:
-        print(json.dumps({"tasks": names, "mixtures": mixtures}))
-    else:
-        print("tasks:\n  " + "\n  ".join(names))
-        print("mixtures:\n  " + "\n  ".join(mixtures))
+        print(json.dumps(listed))
+        return 0
+    width = max((len(t["name"]) for t in listed), default=0)
+    for t in listed:
+        kind = "" if t["templates"] is None else f"{t['templates']:>2} templates ({t['turned_around']} turned around)  "
+        print(f"{t['name']:<{width}}  {t['cluster'] or '-':<33}  {kind}{','.join(t['metrics']) or '-':<14}  {t['source']}")
+    if args.cluster is None:
+        print("\nmixtures: " + ", ".join(sorted(seqio.MixtureRegistry.names())))
     return 0
+
+
+def _preview_task(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from flanjax.data.pipeline import text_examples
+
+    mock = contextlib.nullcontext()
+    if args.mock:
+        import tensorflow_datasets as tfds
+
+        mock = tfds.testing.mock_data(num_examples=max(args.n, 10))
+    with mock:
+        examples = text_examples(args.name, args.split, args.n)
+    for i, example in enumerate(examples):
+        print(f"--- {args.name} [{args.split}] example {i}" + (f", template {example['template']}" if "template" in example else ""))
+        for key in ("inputs", "targets"):
+            value = example[key]
+            print(f"{key}:\n{value.decode('utf-8') if isinstance(value, bytes) else value}")
+    return 0
+
+
+TASK_MODULES = ("tasks.quickstart", "tasks.flan")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,13 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="measure throughput; prints one JSON object",
         description="train: training steps (tokens/s, MFU); decode: greedy generation with the KV cache "
-        "(new tokens/s); rank: scoring rank-classification options (options/s).",
+        "(new tokens/s); rank: scoring rank-classification options (options/s); pipeline: templating, "
+        "tokenizing and packing a FLAN mixture on one core under TFDS mock data (tokens/s).",
     )
-    bench.add_argument("what", choices=["train", "decode", "rank"], help="what to measure")
+    bench.add_argument("what", choices=["train", "decode", "rank", "pipeline"], help="what to measure")
     bench.add_argument("--model", default="bench_27m", help="a model config in configs/models (default bench_27m)")
     bench.add_argument("--batch_size", type=int, default=8, help="rows per step / generate call / scoring call")
     bench.add_argument("--seq_len", type=int, default=256, help="train: tokens per row")
-    bench.add_argument("--steps", type=int, default=10, help="train: timed steps")
+    bench.add_argument("--steps", type=int, default=10, help="train: timed steps; pipeline: timed batches")
+    bench.add_argument("--mixture", default="flan_all_train", help="pipeline: the mixture to read")
     bench.add_argument("--warmup", type=int, default=3, help="train: untimed steps (compilation and warm-up)")
     bench.add_argument("--prompt_len", type=int, default=128, help="decode, rank: prompt tokens")
     bench.add_argument("--new_tokens", type=int, default=128, help="decode: tokens generated per row")
@@ -230,17 +279,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
     bench.set_defaults(run=cmd_bench)
 
-    tasks = commands.add_parser("tasks", help="list registered seqio tasks and mixtures")
-    tasks.add_argument("action", choices=["list"])
-    tasks.add_argument("--module", action="append", default=["tasks.quickstart"], help="task module to import (repeatable)")
-    tasks.add_argument("--json", action="store_true", help="print JSON")
-    tasks.set_defaults(run=cmd_tasks)
+    tasks = commands.add_parser("tasks", help="list registered tasks and mixtures; preview rendered examples")
+    actions = tasks.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="list tasks (templated ones with cluster, templates, metrics) and mixtures")
+    listing.add_argument("--cluster", help="only this cluster's templated tasks")
+    listing.add_argument("--json", action="store_true", help="print a JSON list of task objects")
+    preview = actions.add_parser("preview", help="print a task's first examples as rendered text")
+    preview.add_argument("name", help="a registered seqio task")
+    preview.add_argument("-n", type=int, default=3, help="number of examples (default 3)")
+    preview.add_argument("--split", default="train", help="split to read (default train)")
+    preview.add_argument("--mock", action="store_true", help="use tensorflow_datasets.testing.mock_data (offline, random text)")
+    for action in (listing, preview):
+        action.add_argument("--module", action="append", default=list(TASK_MODULES), help="task module to import (repeatable)")
+        action.set_defaults(run=cmd_tasks)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = sys.argv[1:] if argv is None else argv
+    if os.getcwd() not in sys.path:  # task modules in the working directory import, as under `python -m`
+        sys.path.insert(0, os.getcwd())
     try:
         rest, bindings = _split_gin_args(argv)
         args = build_parser().parse_args(rest)

@@ -1,5 +1,6 @@
 """`flanjax` end to end: gin configs, runs, resume after SIGKILL and SIGTERM, bad input."""
 
+import contextlib
 import glob
 import json
 import os
@@ -10,6 +11,7 @@ import time
 
 import gin
 import pytest
+import tensorflow_datasets as tfds
 
 from flanjax import cli
 from flanjax.train.metrics import read_metrics
@@ -116,7 +118,17 @@ def test_every_run_config_trains(path, tmp_path):
                  "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 16}"]  # fmt: skip
     if os.path.basename(path) == "quickstart.gin":
         args += ["--gin.evaluator.EvalConfig.num_examples=8", "--gin.evaluator.EvalConfig.batch_size=8"]
-    assert run_cli(args) == 0
+    mock = contextlib.nullcontext()
+    if os.path.basename(path).startswith("flan_"):  # offline: TFDS mock data, a tiny model
+        args += ["--gin_file=configs/models/tiny.gin", f"--gin.TOKENIZER={os.environ['FLANJAX_TOKENIZER']}",
+                 "--gin.TASK_FEATURE_LENGTHS={'inputs': 96, 'targets': 32}",
+                 "--gin.run.train.shuffle=False",  # mock examples are slow to make: no shuffle buffers
+                 "--gin.MIXTURE_OR_TASK_NAME='flan_sentiment_train'"]  # fmt: skip  (test_flan checks the big mixtures)
+        if os.path.basename(path) == "flan_heldout.gin":
+            args += ["--gin.HELD_OUT=coreference", "--gin.EVAL_EXAMPLES=8", "--gin.evaluator.EvalConfig.batch_size=8"]
+        mock = tfds.testing.mock_data(num_examples=10)
+    with mock:
+        assert run_cli(args) == 0
     assert (tmp_path / "operative_config.gin").exists()
 
 
@@ -279,7 +291,26 @@ def test_bench_train_prints_one_json_object(capsys):
     assert 0 < result["mfu"] and result["peak_rss_mb"] > 0 and result["params"] > 0
 
 
-def test_tasks_list_prints_registered_names(capsys):
+def test_tasks_list_prints_task_objects(capsys):
     assert cli.main(["tasks", "list", "--json"]) == 0
-    listing = json.loads(capsys.readouterr().out)
-    assert "quickstart_add" in listing["tasks"] and "quickstart" in listing["mixtures"]
+    listing = {t["name"]: t for t in json.loads(capsys.readouterr().out)}
+    assert {"quickstart_add", "flan_rte", "flan_xsum"} <= set(listing)
+    assert not {"flan_rte_eval", "flan_rte_fewshot"} & set(listing)  # variants are listed with their task
+    rte = listing["flan_rte"]
+    assert rte["cluster"] == "nli" and rte["source"] == "tfds:super_glue/rte:1.0.2" and rte["templates"] == 10
+    assert 0 < rte["turned_around"] <= 3 and rte["metrics"] == ["accuracy", "f1"] and rte["eval_task"] == "flan_rte_eval"
+    assert cli.main(["tasks", "list", "--json", "--cluster", "summarization"]) == 0
+    summarization = json.loads(capsys.readouterr().out)
+    assert len(summarization) == 11 and {t["metrics"][0] for t in summarization} == {"rouge"}
+    assert cli.main(["tasks", "list", "--cluster", "sumarization"]) == 1
+    assert "Did you mean: summarization" in capsys.readouterr().err
+
+
+def test_tasks_preview_renders_mock_examples(capsys):
+    assert cli.main(["tasks", "preview", "flan_rte", "-n", "2", "--mock"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- flan_rte [train] example") == 2 and out.count("OPTIONS:") <= 2 and "targets:" in out
+    assert cli.main(["tasks", "preview", "flan_rte_eval", "-n", "4", "--mock", "--split", "test"]) == 0
+    assert capsys.readouterr().out.count("OPTIONS:\n- Yes\n- No") == 4  # a row per option, two per example
+    assert cli.main(["tasks", "preview", "flan_rtee", "--mock"]) == 1
+    assert "Did you mean: flan_rte" in capsys.readouterr().err
