@@ -123,6 +123,8 @@ def test_every_run_config_trains(path, tmp_path):
         args += ["--gin_file=configs/models/tiny.gin", f"--gin.TOKENIZER={os.environ['FLANJAX_TOKENIZER']}",
                  "--gin.TASK_FEATURE_LENGTHS={'inputs': 96, 'targets': 32}",
                  "--gin.run.train.shuffle=False",  # mock examples are slow to make: no shuffle buffers
+                 # mock_data swaps in a fake file system while it builds a dataset: keep saves synchronous
+                 "--gin.checkpoint.CheckpointConfig.async_save=False",
                  "--gin.MIXTURE_OR_TASK_NAME='flan_sentiment_train'"]  # fmt: skip  (test_flan checks the big mixtures)
         if os.path.basename(path) == "flan_heldout.gin":
             args += ["--gin.HELD_OUT=coreference", "--gin.EVAL_EXAMPLES=8", "--gin.evaluator.EvalConfig.batch_size=8"]
