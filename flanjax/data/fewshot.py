@@ -26,7 +26,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from flanjax.data.templates import Template, templates_preprocessor
+from flanjax.data.templates import Template
 
 SEPARATOR = "\n\n"
 
@@ -47,15 +47,13 @@ def exemplars_preprocessor(
     source: seqio.DataSource,
     head: Sequence[Callable],
     vocabulary: seqio.Vocabulary,
-    seed: int = 0,
-    passthrough: Sequence[str] = (),
     config: FewShotConfig = FewShotConfig(),
 ):
-    """A seqio preprocessor: fields -> rendered prompts with exemplars before them.
+    """A seqio preprocessor after `templates_preprocessor(templates, ...)`: prepends to each
+    rendered prompt the exemplars, rendered with that prompt's template (`template`).
 
     `head` are the preprocessors that turn the source's raw train examples into fields.
     """
-    render = templates_preprocessor(templates, seed, passthrough=passthrough)
 
     def apply(ds: tf.data.Dataset) -> tf.data.Dataset:
         train = source.get_dataset("train", shuffle=False)
@@ -66,10 +64,9 @@ def exemplars_preprocessor(
             for ex in train.take(config.num_shots).as_numpy_iterator()
         ]
         texts = [[render_exemplar(t, s) + SEPARATOR for s in shots] for t in templates]
-        # prefixes[t][j]: the first j exemplars in template t; lengths[t][j]: their tokens.
-        prefixes = [["".join(row[:j]) for j in range(len(shots) + 1)] for row in texts]
-        lengths = np.array([np.concatenate([[0], np.cumsum([len(vocabulary.encode(x)) for x in row])]) for row in texts], np.int32).reshape(len(templates), len(shots) + 1)
-        prefixes, lengths = tf.constant(prefixes), tf.constant(lengths)
+        # prefixes[t, j]: the first j exemplars in template t; lengths[t, j]: their tokens.
+        prefixes = tf.constant([["".join(row[:j]) for j in range(len(shots) + 1)] for row in texts])
+        lengths = tf.constant([np.cumsum([0] + [len(vocabulary.encode(x)) for x in row]) for row in texts], tf.int32)
 
         def prepend(example):
             query = tf.size(vocabulary.encode_tf(example["inputs"]), out_type=tf.int32)
@@ -77,6 +74,6 @@ def exemplars_preprocessor(
             shots_used = tf.maximum(fits - 1, 0)
             return {**example, "inputs": prefixes[example["template"], shots_used] + example["inputs"]}
 
-        return render(ds).map(prepend, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.map(prepend, num_parallel_calls=tf.data.AUTOTUNE)
 
     return apply

@@ -9,7 +9,10 @@ the training examples whatever the split's size:
     validation="train"       train = train[200:30200]    validation = train[:200]
 
 A small dataset gives at most a fifth of its train split to validation (CB: 50 of 250), so
-that it keeps something to train on.
+that it keeps something to train on. A dataset with a train split only (ParaCrawl, Opinion
+Abstracts) also gives its last examples to the test split (`test_from_train`):
+
+    train = train[200:-N] (its first 30000)    validation = train[:200]    test = train[-N:]
 
 A dataset may read several TFDS builders (ANLI's three rounds, ARC's two sets): each split
 interleaves them round-robin before the cap, so every builder is represented.
@@ -96,6 +99,7 @@ def flan_source(
     validation: str = "validation",
     test: str | Sequence[str] | None = None,
     train: str = "train",
+    test_from_train: int | None = None,
     num_train_examples: int | None = None,
 ) -> TfdsSource:
     """FLAN's splits over TFDS builders `names` (see the module docstring).
@@ -104,14 +108,18 @@ def flan_source(
     "train" to carve them from train (when the official validation split is the test split).
     `test`: the split(s) evaluated on; default the official validation split when it was not
     used for validation, else "test". `train`: the split trained on (StoryCloze trains on its
-    validation split). `num_train_examples`: the published size of that split, for mixing rates.
+    validation split). `test_from_train`: for a dataset with a train split only, the number of
+    its last examples that form the test split (validation is then carved from the front).
+    `num_train_examples`: the published size of the train split, for mixing rates.
     """
-    if validation == "train":
+    held_out = test_from_train or 0
+    if validation == "train" or held_out:
         carved = VALIDATION_EXAMPLES
         if num_train_examples is not None:  # a small dataset keeps most of its examples for training
             carved = min(carved, num_train_examples // 5)
-        train_slice, validation_split = f"{train}[{carved}:{carved + TRAIN_EXAMPLES}]", f"{train}[:{carved}]"
-        test = test or "validation"
+        end = f"-{held_out}" if held_out else carved + TRAIN_EXAMPLES
+        train_slice, validation_split = f"{train}[{carved}:{end}]", f"{train}[:{carved}]"
+        test = f"{train}[-{held_out}:]" if held_out else test or "validation"
     else:
         train_slice, validation_split = f"{train}[:{TRAIN_EXAMPLES}]", f"{validation}[:{VALIDATION_EXAMPLES}]"
         test = test or "test"
@@ -124,5 +132,5 @@ def flan_source(
             "test": [Read(n, t) for n in names for t in tests],
         },
         limits={"train": TRAIN_EXAMPLES, "validation": VALIDATION_EXAMPLES},
-        num_train_examples=None if num_train_examples is None else num_train_examples - carved,
+        num_train_examples=None if num_train_examples is None else num_train_examples - carved - held_out,
     )

@@ -6,7 +6,7 @@ fields, and natural-language templates over those fields:
     add_task(
         "my_sentiment",
         source=seqio.TfdsDataSource("imdb_reviews/plain_text:1.0.0"),
-        fields={"review": "text", "answer": lambda ex: tf.gather(["negative", "positive"], ex["label"])},
+        fields={"review": "text", "answer": label(["negative", "positive"])},
         templates=[
             Template("{review}\\n\\nIs this review positive or negative?", "{answer}"),
             Template("Write a {answer} movie review.", "{review}", turned_around=True),
@@ -29,7 +29,8 @@ template's input: a blank line, `OPTIONS:`, and one `- option` line per option. 
 fixed (a list) or per example (a function of the raw example, e.g. a question's choices).
 
 Every field is stripped of surrounding whitespace, and examples with an empty field are
-dropped, so no rendered input or target is empty. A task belongs to one cluster (FLAN's 12,
+dropped, so no rendered input or target is empty. `label(names)` makes a field of an integer
+class label; `labelled` drops examples whose label is hidden (-1). A task belongs to one cluster (FLAN's 12,
 or one declared with `add_cluster`); `add_mixture` combines tasks and whole clusters with
 examples-proportional rates capped at 3,000 examples, as FLAN does.
 """
@@ -39,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import string
+import re
 from collections.abc import Callable, Mapping, Sequence
 
 import seqio
@@ -183,7 +184,8 @@ def add_task(
         example returning a 1-D string tensor. Forward templates' targets must then be a
         single field whose value is one of the options.
     references: for generation tasks with several acceptable answers, a function of the raw
-        example returning all of them (1-D strings); the metrics compare against all.
+        example returning all of them (1-D strings; empty ones are dropped); the metrics
+        compare against all.
     metrics: generation metric functions `(targets, predictions) -> {name: value}`.
         Classification tasks are measured by rank classification (accuracy; F1 too with
         fixed options).
@@ -197,10 +199,6 @@ def add_task(
     fixed = tuple(options) if options is not None and not callable(options) else None
     if fixed is not None and not fixed:
         raise TaskDefinitionError(f"task {name!r}: the option list is empty; a classification task needs its options.")
-    available = [*fields, *([_OPTIONS_BLOCK] if options is not None else [])]
-    for i, t in enumerate(templates):
-        if _OPTIONS_BLOCK in t.fields:
-            raise TemplateError(f"task {name!r}, template {i}: {{{_OPTIONS_BLOCK}}} is added by flanjax; leave it out.")
     check_templates(name, templates, fields)
     if options is not None:
         _check_classification_templates(name, templates)
@@ -208,7 +206,6 @@ def add_task(
             t if t.turned_around else dataclasses.replace(t, inputs=t.inputs + "{" + _OPTIONS_BLOCK + "}")
             for t in templates
         )
-    check_templates(name, templates, available)
 
     to_fields = _fields_preprocessor(name, fields, options, references)
     tokenize = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
@@ -238,8 +235,8 @@ def add_task(
             metric_names = tuple(getattr(m, "__name__", type(m).__name__) for m in metrics)
         head = [*preprocessors, to_fields]
         render = templates_preprocessor(forward, seed, passthrough=passthrough)
-        shots = fewshot.exemplars_preprocessor(forward, source, head, vocabulary, seed, passthrough, fewshot_config)
-        for task_name, steps in ((eval_task, [render]), (fewshot_task, [shots])):
+        shots = fewshot.exemplars_preprocessor(forward, source, head, vocabulary, fewshot_config)
+        for task_name, steps in ((eval_task, [render]), (fewshot_task, [render, shots])):
             seqio.TaskRegistry.add(
                 task_name, **common, preprocessors=[*head, *steps, *tail],
                 postprocess_fn=postprocess, metric_fns=metric_fns,
@@ -258,12 +255,19 @@ def add_task(
     return task
 
 
+def label(names: Sequence[str], key: str = "label") -> Callable[[Mapping[str, tf.Tensor]], tf.Tensor]:
+    """A field: the name of an example's integer class label, e.g. `label(["no", "yes"])`."""
+    return lambda example: tf.gather(list(names), tf.cast(example[key], tf.int32))
+
+
+def labelled(ds: tf.data.Dataset, key: str = "label") -> tf.data.Dataset:
+    """A preprocessor: drops examples whose label is hidden (TFDS stores hidden labels as -1)."""
+    return ds.filter(lambda example: example[key] >= 0)
+
+
 def _check_classification_templates(name: str, templates: Sequence[Template]) -> None:
     for i, t in enumerate(templates):
-        if t.turned_around:
-            continue
-        parts = list(string.Formatter().parse(t.targets))
-        if len(parts) != 1 or parts[0][0] or parts[0][1] is None:
+        if not t.turned_around and not re.fullmatch(r"\{\w+\}", t.targets):
             raise TemplateError(
                 f"task {name!r}, template {i}: a classification template's target must be the "
                 f"answer field alone (e.g. '{{answer}}'), so rank classification can compare it "
@@ -277,7 +281,8 @@ def _as_text(value: tf.Tensor) -> tf.Tensor:
 
 
 def _fields_preprocessor(name: str, fields: Mapping[str, Field], options, references):
-    """Raw examples -> stripped text fields (+ options, references); drops empty examples."""
+    """Raw examples -> stripped text fields (+ options, non-empty references); drops examples
+    with an empty field."""
 
     def to_fields(example):
         out = {k: tf.strings.strip(_as_text(example[v] if isinstance(v, str) else v(example))) for k, v in fields.items()}
@@ -291,7 +296,8 @@ def _fields_preprocessor(name: str, fields: Mapping[str, Field], options, refere
                 out[OPTIONS] = tf.identity(opts)
             out[_OPTIONS_BLOCK] = tf.strings.join(["\n\nOPTIONS:\n- ", tf.strings.reduce_join(opts, separator="\n- ")])
         if references is not None:
-            out[REFERENCES] = tf.strings.strip(_as_text(references(example)))
+            refs = tf.strings.strip(_as_text(references(example)))
+            out[REFERENCES] = tf.boolean_mask(refs, tf.strings.length(refs) > 0)
         return out
 
     def non_empty(example):
@@ -324,9 +330,8 @@ def mixture_members(tasks: Sequence[str] = (), clusters: Sequence[str] = (), var
         if not templated_tasks(cluster):
             raise TaskDefinitionError(f"cluster {cluster!r} has no registered tasks; import the module that registers them.")
     chosen = {get_task(t).name for t in tasks} | {t.name for c in clusters for t in templated_tasks(c)}
-    members = [t for t in _TASKS.values() if t.name in chosen]
-    names = {"train": [t.name for t in members], "eval": [t.eval_task for t in members], "fewshot": [t.fewshot_task for t in members]}
-    return [n for n in names[variant] if n]
+    attribute = {"train": "name", "eval": "eval_task", "fewshot": "fewshot_task"}[variant]
+    return [getattr(t, attribute) for t in _TASKS.values() if t.name in chosen and getattr(t, attribute)]
 
 
 def add_mixture(
