@@ -5,8 +5,9 @@ from __future__ import annotations
 import seqio
 import tensorflow as tf
 
-from flanjax.data.sources import TRAIN_EXAMPLES, VALIDATION_EXAMPLES, Read, TfdsSource, flan_source
-from flanjax.data.templated import add_task
+from flanjax.data.sources import flan_source
+from flanjax.data.templated import add_task, label
+from tasks.flan.text import detokenize
 from flanjax.data.templates import Template as T
 from flanjax.eval.metrics import bleu, exact_match, squad
 
@@ -16,10 +17,6 @@ QUESTION_TYPES = ["description", "entity", "abbreviation", "human", "numeric val
 ACCEPTABILITY = ["unacceptable", "acceptable"]
 WORD_SENSE = ["different meanings", "the same meaning"]
 CANNOT_ANSWER = "CANNOTANSWER"  # QuAC's marker for unanswerable questions
-
-
-def _label(names, key: str = "label"):
-    return lambda example: tf.gather(names, example[key])
 
 
 def _coqa_turn(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -64,9 +61,7 @@ def _quac_references(example):
 @seqio.map_over_dataset
 def _detokenize_trec(example):
     """TREC questions are tokenized: `What is Australia 's national flower ?`, ``quotes''."""
-    text = tf.strings.regex_replace(example["text"], r"``\s*|\s*''", '"')
-    text = tf.strings.regex_replace(text, r"\s+([?.,;:!]|'s\b|n't\b)", r"\1")
-    return {**example, "text": text}
+    return {**example, "text": detokenize(example["text"])}
 
 
 @seqio.map_over_dataset
@@ -102,21 +97,6 @@ def _strip_punctuation(ds: tf.data.Dataset) -> tf.data.Dataset:
 
     ds = ds.map(strip, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.filter(lambda ex: tf.size(tf.strings.split(ex["text"])) >= 3)
-
-
-def _train_only_source(name: str, num_train_examples: int, test_examples: int = 1_000) -> TfdsSource:
-    """A builder with only a train split: validation is its first 200 examples, training the next
-    30,000, and test the `test_examples` after those, so the three never overlap."""
-    start, end = VALIDATION_EXAMPLES, VALIDATION_EXAMPLES + TRAIN_EXAMPLES
-    return TfdsSource(
-        {
-            "train": [Read(name, f"train[{start}:{end}]")],
-            "validation": [Read(name, f"train[:{start}]")],
-            "test": [Read(name, f"train[{end}:{end + test_examples}]")],
-        },
-        limits={"train": TRAIN_EXAMPLES, "validation": VALIDATION_EXAMPLES},
-        num_train_examples=num_train_examples - VALIDATION_EXAMPLES - test_examples,
-    )
 
 
 add_task(
@@ -185,7 +165,7 @@ add_task(
     # TREC has train and test only: validation comes from train.
     source=flan_source("trec:1.0.0", validation="train", test="test", num_train_examples=5_452),
     preprocessors=[_detokenize_trec],
-    fields={"question": "text", "answer": _label(QUESTION_TYPES, "label-coarse")},
+    fields={"question": "text", "answer": label(QUESTION_TYPES, "label-coarse")},
     templates=[
         T("{question}\n\nWhat kind of thing is this question asking for?", "{answer}"),
         T("Classify the question below by the type of answer it expects.\n\nQuestion: {question}", "{answer}"),
@@ -208,7 +188,7 @@ add_task(
     "flan_cola",
     # CoLA's test labels are hidden: its validation split is the test split.
     source=flan_source("glue/cola:2.0.0", validation="train", num_train_examples=8_551),
-    fields={"sentence": "sentence", "answer": _label(ACCEPTABILITY)},
+    fields={"sentence": "sentence", "answer": label(ACCEPTABILITY)},
     templates=[
         T("\"{sentence}\"\n\nIs this sentence grammatically acceptable in English?", "{answer}"),
         T("Would a linguist judge the following sentence acceptable or unacceptable?\n\n{sentence}", "{answer}"),
@@ -229,7 +209,7 @@ add_task(
     "flan_wic",
     # WiC's test labels are hidden: its validation split is the test split.
     source=flan_source("super_glue/wic:1.0.2", validation="train", num_train_examples=5_428),
-    fields={"word": "word", "sentence1": "sentence1", "sentence2": "sentence2", "answer": _label(WORD_SENSE)},
+    fields={"word": "word", "sentence1": "sentence1", "sentence2": "sentence2", "answer": label(WORD_SENSE)},
     templates=[
         T("In the two sentences below, does the word \"{word}\" have the same meaning or different meanings?\n\n"
           "1. {sentence1}\n2. {sentence2}", "{answer}"),
@@ -282,7 +262,7 @@ add_task(
 add_task(
     "flan_fix_punctuation",
     # ParaCrawl has only a train split: validation, training and test are disjoint slices of it.
-    source=_train_only_source("para_crawl/enda:1.2.0", num_train_examples=2_414_895),
+    source=flan_source("para_crawl/enda:1.2.0", test_from_train=1_000, num_train_examples=2_414_895),
     preprocessors=[_strip_punctuation],
     fields={"unpunctuated": "unpunctuated", "text": "text"},
     templates=[

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from flanjax.data.sources import flan_source
-from flanjax.data.templated import add_task
+from flanjax.data.templated import add_task, label, labelled
 from flanjax.data.templates import Template as T
 
 CLUSTER = "nli"
@@ -23,25 +23,14 @@ TRUTH_2 = ["definitely true", "not guaranteed to be true"]
 IMPLIES_2 = ["implies", "does not imply"]
 
 
-def _label_text(words, order):
-    """`order[label]` is the canonical index of the dataset's label id `label`."""
-    table = [words[i] for i in order]
-    return lambda example: tf.gather(table, example["label"])
-
-
 def _three_way_fields(premise: str, hypothesis: str, order=(0, 1, 2)) -> dict:
     return {
         "premise": premise,
         "hypothesis": hypothesis,
-        "answer": _label_text(THREE_WAY, order),
-        "relation": _label_text(RELATION, order),
-        "truth": _label_text(TRUTH, order),
+        "answer": label([THREE_WAY[i] for i in order]),
+        "relation": label([RELATION[i] for i in order]),
+        "truth": label([TRUTH[i] for i in order]),
     }
-
-
-def _drop_unlabelled(ds: tf.data.Dataset) -> tf.data.Dataset:
-    """SNLI marks pairs without annotator agreement with label -1."""
-    return ds.filter(lambda ex: ex["label"] >= 0)
 
 
 add_task(
@@ -120,8 +109,8 @@ add_task(
     fields={
         "question": "question",
         "sentence": "sentence",
-        "answer": _label_text(TWO_WAY, (0, 1)),  # labels: entailment, not_entailment
-        "answered": _label_text(["answered", "not answered"], (0, 1)),
+        "answer": label(TWO_WAY),  # labels: entailment, not_entailment
+        "answered": label(["answered", "not answered"]),
     },
     templates=[
         T("Question: {question}\nSentence: {sentence}\n\nDoes the sentence answer the question?", "{answer}"),
@@ -146,10 +135,10 @@ add_task(
     fields={
         "premise": "premise",
         "hypothesis": "hypothesis",
-        "answer": _label_text(TWO_WAY, (0, 1)),  # labels: entailment, not_entailment
-        "relation": _label_text(RELATION_2, (0, 1)),
-        "truth": _label_text(TRUTH_2, (0, 1)),
-        "implies": _label_text(IMPLIES_2, (0, 1)),
+        "answer": label(TWO_WAY),  # labels: entailment, not_entailment
+        "relation": label(RELATION_2),
+        "truth": label(TRUTH_2),
+        "implies": label(IMPLIES_2),
     },
     templates=[
         T("{premise}\n\nDoes this text support the claim that \"{hypothesis}\"?", "{answer}"),
@@ -170,7 +159,7 @@ add_task(
 add_task(
     "flan_snli",
     source=flan_source("snli:1.1.0", validation="validation", test="test", num_train_examples=550_152),
-    preprocessors=[_drop_unlabelled],
+    preprocessors=[labelled],  # pairs without annotator agreement are labelled -1
     fields=_three_way_fields("premise", "hypothesis"),  # labels: entailment, neutral, contradiction
     templates=[
         T("Caption: {premise}\n\nIs it safe to say, from this caption, that \"{hypothesis}\"?", "{answer}"),
@@ -195,9 +184,9 @@ add_task(
     fields={
         "premise": "sentence1",
         "hypothesis": "sentence2",
-        "answer": _label_text(TWO_WAY, (1, 0)),  # labels: not_entailment, entailment
-        "relation": _label_text(RELATION_2, (1, 0)),
-        "reading": _label_text(["correct", "mistaken"], (1, 0)),
+        "answer": label(TWO_WAY[::-1]),  # labels: not_entailment, entailment
+        "relation": label(RELATION_2[::-1]),
+        "reading": label(["mistaken", "correct"]),
     },
     templates=[
         T("{premise}\n\nGiven the text above, is it true that \"{hypothesis}\"?", "{answer}"),

@@ -6,7 +6,8 @@ import seqio
 import tensorflow as tf
 
 from flanjax.data.sources import flan_source
-from flanjax.data.templated import add_task
+from flanjax.data.templated import add_task, label
+from tasks.flan.text import detokenize
 from flanjax.data.templates import Template as T
 
 CLUSTER = "paraphrase"
@@ -14,29 +15,9 @@ NO_YES = ["no", "yes"]
 SIMILARITY = ["0", "1", "2", "3", "4", "5"]
 
 
-def _no_yes(example):
-    return tf.gather(NO_YES, example["label"])
-
-
-def _relation(negative: str, positive: str):
-    """A phrase for turned-around templates: how the second text relates to the first."""
-    return lambda example: tf.gather([negative, positive], example["label"])
-
-
 def _detokenize(*keys: str):
     """MRPC and PAWS (tokenized config) put spaces around punctuation: `word , word .`"""
-
-    @seqio.map_over_dataset
-    def clean(example):
-        out = dict(example)
-        for key in keys:
-            text = tf.strings.regex_replace(example[key], r"``\s*|\s*''", '"')
-            text = tf.strings.regex_replace(text, r"\s+([,.;:!?%)\]])", r"\1")
-            text = tf.strings.regex_replace(text, r"([(\[$])\s+", r"\1")
-            out[key] = tf.strings.regex_replace(text, r"\s+(n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1")
-        return out
-
-    return clean
+    return seqio.map_over_dataset(lambda example: {**example, **{k: detokenize(example[k]) for k in keys}})
 
 
 @seqio.map_over_dataset
@@ -54,8 +35,8 @@ add_task(
     fields={
         "sentence1": "sentence1",
         "sentence2": "sentence2",
-        "answer": _no_yes,
-        "relation": _relation("covers the same story as, but does not say the same thing as", "means the same as"),
+        "answer": label(NO_YES),
+        "relation": label(["covers the same story as, but does not say the same thing as", "means the same as"]),
     },
     templates=[
         T("{sentence1}\n{sentence2}\n\nDo these two sentences say the same thing?", "{answer}"),
@@ -80,8 +61,8 @@ add_task(
     fields={
         "question1": "question1",
         "question2": "question2",
-        "answer": _no_yes,
-        "relation": _relation("asks something different from", "asks the same thing as"),
+        "answer": label(NO_YES),
+        "relation": label(["asks something different from", "asks the same thing as"]),
     },
     templates=[
         T("Question 1: {question1}\nQuestion 2: {question2}\n\nAre these two questions asking the same thing?", "{answer}"),
@@ -106,8 +87,8 @@ add_task(
     fields={
         "sentence1": "sentence1",
         "sentence2": "sentence2",
-        "answer": _no_yes,
-        "relation": _relation("uses nearly the same words as, but does not mean the same as", "means the same as"),
+        "answer": label(NO_YES),
+        "relation": label(["uses nearly the same words as, but does not mean the same as", "means the same as"]),
     },
     templates=[
         T("{sentence1}\n{sentence2}\n\nDespite the similar wording, do these sentences mean the same thing?", "{answer}"),
@@ -130,7 +111,7 @@ add_task(
     # STS-B's test labels are hidden: its validation split is the test split.
     source=flan_source("glue/stsb:2.0.0", validation="train", num_train_examples=5_749),
     preprocessors=[_similarity_class],
-    fields={"sentence1": "sentence1", "sentence2": "sentence2", "answer": lambda ex: tf.gather(SIMILARITY, ex["score"])},
+    fields={"sentence1": "sentence1", "sentence2": "sentence2", "answer": label(SIMILARITY, "score")},
     templates=[
         T("{sentence1}\n{sentence2}\n\nOn a scale from 0 (unrelated) to 5 (same meaning), how similar are these two sentences?", "{answer}"),
         T("Rate the semantic similarity of the following sentences, where 0 means completely different and 5 means equivalent.\n\nSentence 1: {sentence1}\nSentence 2: {sentence2}", "{answer}"),

@@ -6,7 +6,7 @@ import seqio
 import tensorflow as tf
 
 from flanjax.data.sources import flan_source
-from flanjax.data.templated import add_task
+from flanjax.data.templated import add_task, label, labelled
 from flanjax.data.templates import Template as T
 from flanjax.eval import metrics
 
@@ -39,15 +39,6 @@ def _multirc_markup(example):
     return {**example, "paragraph": tf.strings.regex_replace(text, r"\s+", " ")}
 
 
-def _labelled(ds: tf.data.Dataset) -> tf.data.Dataset:
-    """SuperGLUE marks hidden labels -1 (test split)."""
-    return ds.filter(lambda ex: ex["label"] >= 0)
-
-
-def _no_yes(example, key: str = "label"):
-    return tf.gather(NO_YES, tf.cast(example[key], tf.int32))
-
-
 # --- BoolQ --------------------------------------------------------------------------------
 
 add_task(
@@ -55,7 +46,7 @@ add_task(
     # BoolQ has no labelled test split: its validation split is the test split.
     source=flan_source("bool_q:1.0.0", validation="train", num_train_examples=9_427),
     preprocessors=[_boolq_question],
-    fields={"passage": "passage", "title": "title", "question": "question", "answer": lambda ex: _no_yes(ex, "answer")},
+    fields={"passage": "passage", "title": "title", "question": "question", "answer": label(NO_YES, "answer")},
     templates=[
         T("{passage}\n\nAnswer this based on the passage above: {question}", "{answer}"),
         T("Read the text and answer the yes/no question.\n\nText: {passage}\n\nQuestion: {question}", "{answer}"),
@@ -76,10 +67,8 @@ add_task(
 
 
 def _drop_references(example):
-    """The main answer and the annotators' validated answers, empty ones left out."""
-    refs = tf.concat([[example["answer"]], example["validated_answers"]], axis=0)
-    refs = tf.strings.strip(refs)
-    return tf.boolean_mask(refs, tf.strings.length(refs) > 0)
+    """The main answer and the annotators' validated answers."""
+    return tf.concat([[example["answer"]], example["validated_answers"]], axis=0)
 
 
 add_task(
@@ -114,13 +103,13 @@ add_task(
     "flan_multirc",
     # SuperGLUE's test labels are hidden: its validation split is the test split.
     source=flan_source("super_glue/multirc:1.0.2", validation="train", num_train_examples=27_243),
-    preprocessors=[_labelled, _multirc_markup],
+    preprocessors=[labelled, _multirc_markup],
     fields={
         "paragraph": "paragraph",
         "question": "question",
         "answer": "answer",
-        "label": _no_yes,
-        "verdict": lambda ex: tf.gather(["wrong", "correct"], tf.cast(ex["label"], tf.int32)),
+        "label": label(NO_YES),
+        "verdict": label(["wrong", "correct"]),
     },
     templates=[
         T("{paragraph}\n\nQuestion: {question}\n\nIs \"{answer}\" a correct answer?", "{label}"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from flanjax.data.sources import flan_source
-from flanjax.data.templated import add_task
+from flanjax.data.templated import add_task, labelled
 from flanjax.data.templates import Template as T
 
 CLUSTER = "reading_comprehension_commonsense"
@@ -18,16 +18,11 @@ def _cosmos_options(example):
     return tf.stack([example[f"answer{i}"] for i in range(4)])
 
 
-def _cosmos_labelled(ds: tf.data.Dataset) -> tf.data.Dataset:
-    """CosmosQA's test split has hidden labels, stored as -1."""
-    return ds.filter(lambda ex: ex["label"] >= 0)
-
-
 add_task(
     "flan_cosmos_qa",
     # The test labels are hidden: the validation split is the test split.
     source=flan_source("cosmos_qa:1.0.0", validation="train", num_train_examples=25_262),
-    preprocessors=[_cosmos_labelled],
+    preprocessors=[labelled],
     fields={
         "context": "context",
         "question": "question",

@@ -6,15 +6,11 @@ import seqio
 import tensorflow as tf
 
 from flanjax.data.sources import flan_source
-from flanjax.data.templated import add_task
+from flanjax.data.templated import add_task, label
 from flanjax.data.templates import Template as T
 
 CLUSTER = "sentiment"
 POLARITY = ["negative", "positive"]
-
-
-def _polarity(example, key: str = "label"):
-    return tf.gather(POLARITY, example[key])
 
 
 def _strip_html(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -63,7 +59,7 @@ add_task(
     "flan_imdb",
     source=flan_source("imdb_reviews/plain_text:1.0.0", validation="train", test="test", num_train_examples=25_000),
     preprocessors=[_strip_html],
-    fields={"text": "text", "answer": _polarity},
+    fields={"text": "text", "answer": label(POLARITY)},
     templates=MOVIE_REVIEW,
     options=POLARITY,
     cluster=CLUSTER,
@@ -73,7 +69,7 @@ add_task(
     "flan_sentiment140",
     source=flan_source("sentiment140:1.0.0", validation="train", test="test", num_train_examples=1_600_000),
     preprocessors=[_binary_tweets],
-    fields={"text": "text", "answer": lambda ex: _polarity(ex, "polarity")},
+    fields={"text": "text", "answer": label(POLARITY, "polarity")},
     templates=[
         T("Tweet: {text}\n\nWhat is the mood of this tweet?", "{answer}"),
         T("{text}\n\nIs the person who posted this happy or upset?", "{answer}"),
@@ -94,7 +90,7 @@ add_task(
     "flan_sst2",
     # SST-2's test labels are hidden: its validation split is the test split.
     source=flan_source("glue/sst2:2.0.0", validation="train", num_train_examples=67_349),
-    fields={"sentence": "sentence", "answer": _polarity},
+    fields={"sentence": "sentence", "answer": label(POLARITY)},
     templates=[
         T("\"{sentence}\"\n\nIs this phrase from a movie review positive or negative?", "{answer}"),
         T("What sentiment does this movie review snippet carry?\n\n{sentence}", "{answer}"),
@@ -115,7 +111,7 @@ add_task(
     "flan_yelp",
     source=flan_source("yelp_polarity_reviews:0.2.0", validation="train", test="test", num_train_examples=560_000),
     preprocessors=[_unescape_yelp],
-    fields={"text": "text", "answer": _polarity},
+    fields={"text": "text", "answer": label(POLARITY)},
     templates=[
         T("{text}\n\nIs this business review positive or negative?", "{answer}"),
         T("Yelp review: {text}\n\nWas the customer satisfied?", "{answer}"),

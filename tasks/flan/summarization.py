@@ -5,8 +5,9 @@ from __future__ import annotations
 import seqio
 import tensorflow as tf
 
-from flanjax.data.sources import Read, TfdsSource, flan_source
-from flanjax.data.templated import add_task
+from flanjax.data.sources import flan_source
+from flanjax.data.templated import add_task, label
+from tasks.flan.text import detokenize
 from flanjax.data.templates import Template as T
 from flanjax.eval.metrics import rouge
 
@@ -102,24 +103,8 @@ def _clean_samsum(example):
     return {**example, "dialogue": tf.strings.regex_replace(example["dialogue"], r"\r\n?", "\n")}
 
 
-_DETOKENIZE = [(r" ([,.;:!?%)])", r"\1"), (r"\( ", "("), (r" (n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1")]
-
-
 def _debate_arguments(example):
-    return _numbered(_replace(example["_argument_sentences"]["value"], *_DETOKENIZE))
-
-
-def _opinion_source(name: str, num_examples: int) -> TfdsSource:
-    """Opinion Abstracts has only a train split: the last 500 are the test split, the 200 before
-    them validation (FLAN holds out the last 600 the same way)."""
-    return TfdsSource(
-        {
-            "train": [Read(name, "train[:-700]")],
-            "validation": [Read(name, "train[-700:-500]")],
-            "test": [Read(name, "train[-500:]")],
-        },
-        num_train_examples=num_examples - 700,
-    )
+    return _numbered(detokenize(example["_argument_sentences"]["value"]))
 
 
 add_task(
@@ -148,7 +133,7 @@ add_task(
     # No validation split: the 200 come from train, the test split is evaluated.
     source=flan_source("ag_news_subset:1.0.0", validation="train", test="test", num_train_examples=120_000),
     preprocessors=[_clean_ag_news],
-    fields={"description": "description", "title": "title", "topic": lambda ex: tf.gather(AG_TOPICS, ex["label"])},
+    fields={"description": "description", "title": "title", "topic": label(AG_TOPICS)},
     templates=[
         T("{description}\n\nWrite a headline for this news story.", "{title}"),
         T("Give a title to the following piece of news.\n\n{description}", "{title}"),
@@ -252,11 +237,12 @@ add_task(
 
 add_task(
     "flan_opinion_abstracts_idebate",
-    source=_opinion_source("opinion_abstracts/idebate:1.0.0", 2_259),
+    # Opinion Abstracts has a train split only: its last 500 examples are the test split.
+    source=flan_source("opinion_abstracts/idebate:1.0.0", test_from_train=500, num_train_examples=2_259),
     fields={
         "debate": lambda ex: tf.strings.regex_replace(ex["_debate_name"], "_", " "),
         "arguments": _debate_arguments,
-        "claim": lambda ex: _replace(ex["_claim"], *_DETOKENIZE),
+        "claim": lambda ex: detokenize(ex["_claim"]),
     },
     templates=[
         T("Debate topic: {debate}\n\nArguments:\n{arguments}\n\nWhat claim do these arguments support?", "{claim}"),
@@ -276,7 +262,7 @@ add_task(
 
 add_task(
     "flan_opinion_abstracts_rotten_tomatoes",
-    source=_opinion_source("opinion_abstracts/rotten_tomatoes:1.0.0", 3_731),
+    source=flan_source("opinion_abstracts/rotten_tomatoes:1.0.0", test_from_train=500, num_train_examples=3_731),
     fields={
         "movie": lambda ex: _title_case(ex["_movie_name"]),
         "reviews": lambda ex: _numbered(ex["_critics"]["value"]),

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from flanjax.data.sources import TRAIN_EXAMPLES, VALIDATION_EXAMPLES, Read, TfdsSource, flan_source
+from flanjax.data.sources import flan_source
 from flanjax.data.templated import add_task
 from flanjax.data.templates import Template as T
 from flanjax.eval.metrics import bleu
 
 CLUSTER = "translation"
-PARA_CRAWL_TEST_EXAMPLES = 3000  # about the size of a WMT newstest set
 
 TEMPLATES = [
     T("Translate this {source_language} text into {target_language}:\n\n{source}", "{target}"),
@@ -65,20 +64,10 @@ def _add(name: str, source, code: str, language: str) -> None:
     )
 
 
-# ParaCrawl has only a train split: validation is its first 200 pairs, training the next
-# 30,000, and the test split the 3,000 pairs after those, which training never reads.
-_test_start = VALIDATION_EXAMPLES + TRAIN_EXAMPLES
+# ParaCrawl has a train split only: its last 3,000 pairs (about a WMT newstest set) are the test split.
 _add(
     "flan_para_crawl_en_es",
-    TfdsSource(
-        {
-            "train": [Read("para_crawl/enes:1.2.0", f"train[{VALIDATION_EXAMPLES}:{_test_start}]")],
-            "validation": [Read("para_crawl/enes:1.2.0", f"train[:{VALIDATION_EXAMPLES}]")],
-            "test": [Read("para_crawl/enes:1.2.0", f"train[{_test_start}:{_test_start + PARA_CRAWL_TEST_EXAMPLES}]")],
-        },
-        limits={"train": TRAIN_EXAMPLES, "validation": VALIDATION_EXAMPLES},
-        num_train_examples=21_987_267 - VALIDATION_EXAMPLES - PARA_CRAWL_TEST_EXAMPLES,
-    ),
+    flan_source("para_crawl/enes:1.2.0", test_from_train=3_000, num_train_examples=21_987_267),
     "es",
     "Spanish",
 )
