@@ -52,6 +52,7 @@ LOGICAL_AXIS_RULES: LogicalRules = (
     ("mlp", "tensor"),
     ("positions", None),
     ("norm", None),
+    ("lora_rank", None),  # LoRA adapters: the rank is small, so keep it whole
 )
 
 

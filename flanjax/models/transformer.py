@@ -1,8 +1,8 @@
 """A decoder-only Transformer language model in Flax NNX.
 
 One `TransformerConfig` covers the LLaMA family (RMSNorm, RoPE, SwiGLU, grouped-query
-attention; Mistral and Qwen2 are switches on it) and the GPT-2/GPT-Neo family (LayerNorm,
-learned positions, GELU, biases). Every parameter names its logical axes and the main
+attention; Mistral and Qwen2 are switches on it) and the GPT-2 family (LayerNorm, learned
+positions, GELU, biases; GPT-Neo and GPT-J are switches on it). Every parameter names its logical axes and the main
 activations are constrained by logical axes too; `flanjax.sharding` maps both to the mesh.
 
 Shapes use the letters of the einsum strings: b batch, t query length, s key length,
@@ -13,10 +13,12 @@ v vocabulary, l layers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, NamedTuple
+import math
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flanjax.sharding import constrain
@@ -38,15 +40,29 @@ class TransformerConfig:
     # Longest sequence: size of the learned position table and the default KV-cache length.
     max_len: int = 2048
 
-    # Family switches. LLaMA: rms / rope / swiglu; GPT-2: layer / learned / gelu / use_bias.
+    # Family switches. LLaMA: rms / rope / swiglu; GPT-2: layer / learned / gelu / biases.
     norm: Literal["rms", "layer"] = "rms"
     norm_eps: float = 1e-6
     position: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10_000.0
+    # Hugging Face `rope_parameters` of a scaled RoPE ({"rope_type": "linear" | "llama3", ...});
+    # stored as sorted (key, value) pairs so the config stays hashable.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    rotary_dim: int | None = None  # leading head dims that RoPE rotates; None: all (GPT-J: 64)
     mlp: Literal["swiglu", "gelu"] = "swiglu"
-    use_bias: bool = False  # biases on every projection (GPT-2, GPT-Neo)
-    qkv_bias: bool = False  # biases on the q, k and v projections only (Qwen2)
+    qkv_bias: bool = False  # biases on q, k, v (GPT-2, Qwen2)
+    out_bias: bool = False  # bias on the attention output (GPT-2, GPT-Neo)
+    mlp_bias: bool = False  # biases on the MLP (GPT-2, GPT-Neo, GPT-J)
+    lm_head_bias: bool = False  # GPT-J
     tie_embeddings: bool = False
+    # GPT-J: x + attn(norm(x)) + mlp(norm(x)), one norm per block.
+    parallel_residual: bool = False
+    # Attention logits are scaled by this; None: 1/sqrt(head width). GPT-Neo does not scale (1.0).
+    attention_scale: float | None = None
+    # Queries see only keys fewer than this many positions back (Mistral, GPT-Neo's local
+    # layers); on the layers listed, or on all when `sliding_window_layers` is None.
+    sliding_window: int | None = None
+    sliding_window_layers: tuple[int, ...] | None = None
 
     # Regularisation. Residual dropout grows linearly with depth from `residual_dropout` at
     # the first layer to `residual_dropout_top` at the last (LIMA: 0.0 -> 0.3).
@@ -61,6 +77,14 @@ class TransformerConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
+        # gin and JSON give lists and dicts; keep the config hashable.
+        if isinstance(self.rope_scaling, dict) or isinstance(self.rope_scaling, list):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(dict(self.rope_scaling).items())))
+        if self.sliding_window_layers is not None:
+            object.__setattr__(self, "sliding_window_layers", tuple(self.sliding_window_layers))
+        rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: default, linear, llama3.")
         if self.d_model % self.num_heads and self.head_dim is None:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
@@ -79,6 +103,12 @@ class TransformerConfig:
     def head_size(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
 
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`, or None for full attention."""
+        if self.sliding_window_layers is None or layer in self.sliding_window_layers:
+            return self.sliding_window
+        return None
+
     def residual_dropout_rates(self) -> tuple[float, ...]:
         """One rate per layer, linear from bottom to top."""
         top = self.residual_dropout if self.residual_dropout_top is None else self.residual_dropout_top
@@ -89,16 +119,11 @@ class TransformerConfig:
 
     def num_params(self, include_embeddings: bool = True) -> int:
         d, f, n, k, h = self.d_model, self.d_ff, self.num_heads, self.kv_heads, self.head_size
-        attn = d * n * h * 2 + d * k * h * 2
-        mlp = d * f * (3 if self.mlp == "swiglu" else 2)
-        if self.use_bias or self.qkv_bias:
-            attn += (n + 2 * k) * h
-        if self.use_bias:
-            attn += d
-            mlp += f * (2 if self.mlp == "swiglu" else 1) + d
+        attn = d * n * h * 2 + d * k * h * 2 + self.qkv_bias * (n + 2 * k) * h + self.out_bias * d
+        mlp = d * f * (3 if self.mlp == "swiglu" else 2) + self.mlp_bias * (f * (2 if self.mlp == "swiglu" else 1) + d)
         norm = d * (2 if self.norm == "layer" else 1)  # LayerNorm has a bias too
-        per_layer = attn + mlp + 2 * norm
-        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        per_layer = attn + mlp + (1 if self.parallel_residual else 2) * norm
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2) + self.lm_head_bias * self.vocab_size
         if self.position == "learned":
             embed += self.max_len * d
         return self.num_layers * per_layer + norm + (embed if include_embeddings else 0)
@@ -160,23 +185,48 @@ def _norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
     return nnx.LayerNorm(config.d_model, bias_init=_zeros(("norm",)), **common)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half layout (LLaMA). x: [b, t, n, h]; positions: [b, t]."""
-    half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [h/2]
-    angles = positions[..., None].astype(jnp.float32) * freqs  # [b, t, h/2]
+def rope_frequencies(config: TransformerConfig) -> np.ndarray:
+    """Inverse frequencies [rotary_dim / 2] of RoPE, with Hugging Face's linear or LLaMA-3 scaling."""
+    dim = config.rotary_dim or config.head_size
+    inv_freq = 1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    scaling = dict(config.rope_scaling or {})
+    kind, factor = scaling.get("rope_type", "default"), scaling.get("factor", 1.0)
+    if kind == "linear":
+        inv_freq = inv_freq / factor
+    elif kind == "llama3":  # long wavelengths slowed by `factor`, short ones kept, smooth between
+        original = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = original / scaling["low_freq_factor"], original / scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (original / wavelen - scaling["low_freq_factor"]) / (scaling["high_freq_factor"] - scaling["low_freq_factor"])
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = np.where(wavelen > low_wavelen, inv_freq / factor, np.where(wavelen < high_wavelen, inv_freq, blended))
+    return inv_freq.astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding, rotate-half layout (LLaMA), of the first 2 * len(inv_freq) dims of each
+    head (the rest pass through, as GPT-J's). x: [b, t, n, h]; positions: [b, t]."""
+    half = len(inv_freq)
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, t, half]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    x1, x2, rest = jnp.split(x.astype(jnp.float32), [half, 2 * half], axis=-1)
+    rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest]
+    return jnp.concatenate(rotated, axis=-1).astype(x.dtype)
 
 
 def attention_mask(
-    q_segments: jax.Array, q_positions: jax.Array, k_segments: jax.Array, k_positions: jax.Array
+    q_segments: jax.Array,
+    q_positions: jax.Array,
+    k_segments: jax.Array,
+    k_positions: jax.Array,
+    window: int | None = None,
 ) -> jax.Array:
-    """[b, t, s] boolean: same packed segment and not in the future."""
+    """[b, t, s] boolean: same packed segment, not in the future and, with a sliding
+    `window`, fewer than `window` positions back."""
     same = q_segments[:, :, None] == k_segments[:, None, :]
-    causal = k_positions[:, None, :] <= q_positions[:, :, None]
-    return same & causal
+    back = q_positions[:, :, None] - k_positions[:, None, :]
+    allowed = back >= 0 if window is None else (back >= 0) & (back < window)
+    return same & allowed
 
 
 class Attention(nnx.Module):
@@ -184,7 +234,7 @@ class Attention(nnx.Module):
         self.config = config
         d, n, k, h = config.d_model, config.num_heads, config.kv_heads, config.head_size
         dtype, pdtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
-        qkv_bias = config.use_bias or config.qkv_bias
+        qkv_bias = config.qkv_bias
 
         def proj(spec, shape, axes, bias_shape, bias_axes, std=None):
             return nnx.Einsum(
@@ -202,7 +252,7 @@ class Attention(nnx.Module):
         self.k = proj("bsd,dkh->bskh", (d, k, h), ("embed", "kv_heads", "head_dim"), qkv_bias and (k, h), ("kv_heads", "head_dim"))
         self.v = proj("bsd,dkh->bskh", (d, k, h), ("embed", "kv_heads", "head_dim"), qkv_bias and (k, h), ("kv_heads", "head_dim"))
         out_std = config.init_std / (2 * config.num_layers) ** 0.5  # GPT-2's residual scaling
-        self.o = proj("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), config.use_bias and (d,), ("embed",), out_std)
+        self.o = proj("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), config.out_bias and (d,), ("embed",), out_std)
         self.dropout = nnx.Dropout(config.attention_dropout)
 
     def __call__(
@@ -219,21 +269,26 @@ class Attention(nnx.Module):
         k = constrain(self.k(x), ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
         v = constrain(self.v(x), ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
         if cfg.position == "rope":
-            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+            inv_freq = rope_frequencies(cfg)
+            q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+        scale = cfg.head_size**-0.5 if cfg.attention_scale is None else cfg.attention_scale
+        window = cfg.window(layer)
 
         if cache is None:
-            mask = attention_mask(segment_ids, positions, segment_ids, positions)  # [b, t, s]
+            mask = attention_mask(segment_ids, positions, segment_ids, positions, window)  # [b, t, s]
             if cfg.attention_dropout and rngs is not None:
-                out = _attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, lambda p: self.dropout(p, rngs=rngs))
+                dropout = lambda p: self.dropout(p, rngs=rngs)  # noqa: E731
+                out = _attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, scale, dropout)
             else:
-                out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])  # [b, t, n, h]
+                out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)  # [b, t, n, h]
         else:
             cache, k, v = _write_cache(cache, layer, k, v)
             # Causality by slot: slots are filled in order, whatever each row's positions.
             b, t = segment_ids.shape
             q_slots = jnp.broadcast_to(cache.index + jnp.arange(t), (b, t))
             k_slots = jnp.broadcast_to(jnp.arange(k.shape[2]), cache.segment_ids.shape)
-            out = _attend(q, k, v, attention_mask(segment_ids, q_slots, cache.segment_ids, k_slots))
+            # Within a row, slot distance is position distance (rows are contiguous after padding).
+            out = _attend(q, k, v, attention_mask(segment_ids, q_slots, cache.segment_ids, k_slots, window), scale)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         return self.o(out), cache
 
@@ -251,7 +306,7 @@ def _write_cache(cache: KVCache, layer: int, k: jax.Array, v: jax.Array):
     return cache._replace(k=ks, v=vs), k, v
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dropout=None) -> jax.Array:
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, dropout=None) -> jax.Array:
     """Attention of q [b, t, n, h] over k, v [b, k, s, h] (a cache layer's layout); mask [b, t, s].
 
     Written out (rather than `jax.nn.dot_product_attention`) for the cache layout and for
@@ -259,7 +314,7 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dropout=N
     """
     b, t, n, h = q.shape
     q = q.reshape(b, t, k.shape[1], n // k.shape[1], h)
-    scores = jnp.einsum("btkgh,bksh->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(h)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k).astype(jnp.float32) * scale
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout is not None:
@@ -277,7 +332,7 @@ class MLP(nnx.Module):
             return nnx.Linear(
                 n_in,
                 n_out,
-                use_bias=config.use_bias,
+                use_bias=config.mlp_bias,
                 kernel_init=_init(config, axes, std),
                 bias_init=_zeros(bias_axes),
                 dtype=jnp.dtype(config.dtype),
@@ -299,20 +354,25 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
+    """Pre-norm residual block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x))); or, with
+    `parallel_residual`, x + drop(attn(norm(x))) + drop(mlp(norm(x)))."""
 
     def __init__(self, config: TransformerConfig, residual_dropout: float, *, rngs: nnx.Rngs):
         self.attn_norm = _norm(config, rngs)
         self.attn = Attention(config, rngs=rngs)
-        self.mlp_norm = _norm(config, rngs)
+        self.mlp_norm = None if config.parallel_residual else _norm(config, rngs)
         self.mlp = MLP(config, rngs=rngs)
         self.dropout = nnx.Dropout(residual_dropout)
 
     def __call__(self, x, positions, segment_ids, cache, layer, rngs):
-        deterministic = rngs is None
-        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, layer, rngs)
-        x = x + self.dropout(h, deterministic=deterministic, rngs=rngs)
-        x = x + self.dropout(self.mlp(self.mlp_norm(x)), deterministic=deterministic, rngs=rngs)
+        drop = lambda h: self.dropout(h, deterministic=rngs is None, rngs=rngs)  # noqa: E731
+        normed = self.attn_norm(x)
+        h, cache = self.attn(normed, positions, segment_ids, cache, layer, rngs)
+        if self.mlp_norm is None:  # parallel: both read the same normed input
+            x = x + drop(h) + drop(self.mlp(normed))
+        else:
+            x = x + drop(h)
+            x = x + drop(self.mlp(self.mlp_norm(x)))
         return constrain(x, ("activation_batch", "activation_length", "activation_embed")), cache
 
 
@@ -351,8 +411,9 @@ class Transformer(nnx.Module):
             else nnx.Linear(
                 config.d_model,
                 config.vocab_size,
-                use_bias=False,
+                use_bias=config.lm_head_bias,
                 kernel_init=_init(config, ("embed", "vocab")),
+                bias_init=_zeros(("vocab",)),
                 dtype=dtype,
                 param_dtype=pdtype,
                 rngs=rngs,

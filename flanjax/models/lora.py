@@ -1,0 +1,276 @@
+"""Low-rank adapters (LoRA, Hu et al. 2021) for the Transformer's projections.
+
+`apply_lora` replaces the chosen `nnx.Linear` / `nnx.Einsum` projections in place by a
+`LoRA` wrapper computing `base(x) + alpha / rank * (x @ A) @ B`. The base kernel stays an
+`nnx.Param`; A and B are `nnx.LoRAParam`s, so `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`
+trains the adapters only (note that `LoRAParam` subclasses `Param`: a `wrt=nnx.Param` filter
+trains everything). A and B carry logical axes ("lora_rank" for the rank) like every other
+parameter, so `Partitioner` shards them with their kernel.
+
+Also here: merging adapters into the kernels for inference, and saving/loading adapters
+alone (`adapter_model.safetensors` + `adapter_config.json`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import string
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+from flax import nnx
+from flax.nnx.nn import dtypes
+
+from flanjax.errors import FlanjaxError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class LoraError(FlanjaxError, ValueError):
+    """A LoRA configuration, target or adapter file does not fit the model."""
+
+
+class AdapterNotFoundError(FlanjaxError, FileNotFoundError):
+    """An adapter directory lacks its weights or config file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    # Dropout on the adapter's input. The Transformer calls its projections without rngs, so
+    # it cannot be applied there yet: `apply_lora` rejects a non-zero rate (see `LoRA`).
+    dropout: float = 0.0
+    # Regexes searched in module paths such as "layers/0/attn/q" or "layers/1/mlp/down".
+    targets: tuple[str, ...] = (r"attn/q$", r"attn/v$")
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))  # gin passes lists
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise LoraError(f"LoRA rank must be a positive integer, got {self.rank!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoraError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}.")
+        if not self.targets:
+            raise LoraError("LoRA targets is empty; give at least one module-path regex.")
+        for pattern in self.targets:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise LoraError(f"LoRA target {pattern!r} is not a valid regex: {e}.") from None
+
+
+def _specs(base: nnx.Linear | nnx.Einsum) -> tuple[str, str, int]:
+    """(x-to-rank einsum, rank-to-output einsum, number of kernel in-dims) for `base`."""
+    if isinstance(base, nnx.Linear):
+        x, kernel, y = "...i", "io", "...o"
+    else:
+        lhs, y = base.einsum_str.replace(" ", "").split("->")
+        x, kernel = lhs.split(",")
+    in_letters = "".join(c for c in kernel if c in x)
+    if not kernel.startswith(in_letters):
+        raise LoraError(f"kernel {kernel!r} of {base.einsum_str!r} does not list its input dims first.")
+    batch = "".join(c for c in x if c not in kernel)
+    r = next(c for c in string.ascii_letters if c not in x + kernel + y)
+    out_letters = kernel[len(in_letters) :]
+    return f"{x},{in_letters}{r}->{batch}{r}", f"{batch}{r},{r}{out_letters}->{y}", len(in_letters)
+
+
+class LoRA(nnx.Module):
+    """`base(x) + alpha / rank * (dropout(x) . A) . B` around one Linear or Einsum projection.
+
+    A is [*in_dims, rank] (uniform, std 1 / sqrt(3 fan_in) as in PEFT), B is [rank, *out_dims]
+    (zeros), so a fresh wrapper computes exactly `base(x)`.
+
+    Dropout follows the model's convention (active only when `rngs` are passed, like
+    `nnx.Dropout(..., deterministic=rngs is None)` in `Block`) rather than keeping a private
+    RNG stream: a stream stored in the module would also fire in eval and decoding, and the
+    train step (which merges a copy of the model inside `jax.grad`) would never advance it.
+    """
+
+    def __init__(self, base: nnx.Linear | nnx.Einsum, rank: int, alpha: float, dropout: float = 0.0, *, rngs: nnx.Rngs):
+        if not isinstance(base, (nnx.Linear, nnx.Einsum)):
+            raise LoraError(f"LoRA wraps nnx.Linear or nnx.Einsum, not {type(base).__name__}.")
+        self.base = base
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.a_spec, self.b_spec, n_in = _specs(base)
+        kernel = base.kernel
+        in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
+        axes = kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim
+        in_axes, out_axes = tuple(axes[:n_in]), tuple(axes[n_in:])
+
+        uniform = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+        def a_init(key, shape, dtype):  # fan-in over all in-dims together
+            return uniform(key, (math.prod(in_shape), rank), dtype).reshape(shape)
+
+        def partitioned(init, axes):
+            return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+        a_init = partitioned(a_init, in_axes + ("lora_rank",))
+        b_init = partitioned(nnx.initializers.zeros_init(), ("lora_rank",) + out_axes)
+        self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (*in_shape, rank), base.param_dtype))
+        self.lora_b = nnx.LoRAParam(b_init(rngs.params(), (rank, *out_shape), base.param_dtype))
+        self.dropout = nnx.Dropout(dropout)
+        self.merged = False  # static: merging is an export step, done outside jit
+
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        y = self.base(x)
+        if self.merged:
+            return y
+        x = self.dropout(x, deterministic=rngs is None, rngs=rngs)
+        x, a, b = dtypes.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.base.dtype)
+        h = jnp.einsum(self.a_spec, x, a, precision=self.base.precision) * self.scale  # rank-wide
+        return y + jnp.einsum(self.b_spec, h, b, precision=self.base.precision).astype(y.dtype)
+
+    def delta(self) -> jax.Array:
+        """The scaled update alpha / rank * A @ B, in the kernel's shape (float32)."""
+        a = self.lora_a[...].astype(jnp.float32)
+        b = self.lora_b[...].astype(jnp.float32)
+        kernel_shape = self.base.kernel.shape
+        return (self.scale * a.reshape(-1, self.rank) @ b.reshape(self.rank, -1)).reshape(kernel_shape)
+
+    def merge(self) -> None:
+        """Folds the update into the base kernel; forward then skips the adapter."""
+        if self.merged:
+            raise LoraError("this LoRA module is already merged; unmerge() it first.")
+        kernel = self.base.kernel
+        kernel[...] = (kernel[...].astype(jnp.float32) + self.delta()).astype(kernel.dtype)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtracts the update back out of the base kernel (exact up to rounding)."""
+        if not self.merged:
+            raise LoraError("this LoRA module is not merged; there is nothing to unmerge.")
+        kernel = self.base.kernel
+        kernel[...] = (kernel[...].astype(jnp.float32) - self.delta()).astype(kernel.dtype)
+        self.merged = False
+
+
+def _path(parts) -> str:
+    return "/".join(map(str, parts))
+
+
+def lora_modules(model: nnx.Module) -> list[tuple[str, LoRA]]:
+    """(path, wrapper) of every LoRA module in `model`."""
+    return [(_path(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, LoRA)]
+
+
+def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> list[str]:
+    """Wraps every Linear/Einsum whose path matches a target in place; returns their paths."""
+    if config.dropout:
+        raise LoraError(
+            f"LoRA dropout={config.dropout} cannot take effect: the Transformer calls its "
+            "projections without rngs, so the adapters would run without dropout. Set dropout=0."
+        )
+    if lora_modules(model):
+        raise LoraError("the model already has LoRA adapters; apply_lora once per model.")
+    projections = [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, (nnx.Linear, nnx.Einsum))]
+    chosen = [(p, m) for p, m in projections if any(re.search(t, _path(p)) for t in config.targets)]
+    if not chosen:
+        # Listing one layer is enough to see the naming scheme.
+        names = [_path(p) for p, _ in projections if not re.search(r"layers/[1-9]", _path(p))]
+        raise LoraError(
+            f"LoRA targets {list(config.targets)} match no projection. Patterns are searched "
+            f"(re.search) in module paths such as: {', '.join(sorted(names))}."
+        )
+    for parts, module in chosen:
+        parent = model
+        for part in parts[:-1]:
+            parent = parent[part] if isinstance(part, int) else getattr(parent, part)
+        wrapper = LoRA(module, config.rank, config.alpha, config.dropout, rngs=rngs)
+        if isinstance(parts[-1], int):
+            parent[parts[-1]] = wrapper
+        else:
+            setattr(parent, parts[-1], wrapper)
+    return [_path(p) for p, _ in chosen]
+
+
+def _require_lora(model: nnx.Module) -> list[tuple[str, LoRA]]:
+    modules = lora_modules(model)
+    if not modules:
+        raise LoraError("the model has no LoRA adapters; call apply_lora first.")
+    return modules
+
+
+def merge_lora(model: nnx.Module) -> list[str]:
+    """Merges every adapter into its kernel (for inference); returns their paths."""
+    modules = _require_lora(model)
+    for _, m in modules:
+        m.merge()
+    return [p for p, _ in modules]
+
+
+def unmerge_lora(model: nnx.Module) -> list[str]:
+    modules = _require_lora(model)
+    for _, m in modules:
+        m.unmerge()
+    return [p for p, _ in modules]
+
+
+def adapter_state(model: nnx.Module) -> nnx.State:
+    """The LoRA parameters only."""
+    return nnx.state(model, nnx.LoRAParam)
+
+
+def _flat_adapters(model: nnx.Module) -> dict[str, nnx.Variable]:
+    return {".".join(map(str, p)): v for p, v in nnx.to_flat_state(adapter_state(model))}
+
+
+def save_adapters(model: nnx.Module, directory: str, config: LoraConfig) -> None:
+    """Writes the adapters (float32, names like "layers.0.attn.q.lora_a") and their config."""
+    tensors = {name: np.asarray(jax.device_get(v[...]), np.float32) for name, v in _flat_adapters(model).items()}
+    if not tensors:
+        raise LoraError("the model has no LoRA adapters to save; call apply_lora first.")
+    os.makedirs(directory, exist_ok=True)
+    safetensors.numpy.save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS))
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+        json.dump(
+            {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout, "targets": list(config.targets)},
+            f,
+            indent=2,
+        )
+
+
+def read_adapter_config(directory: str) -> LoraConfig:
+    """The LoraConfig saved beside the adapters: build the wrapped model with it."""
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    if not os.path.exists(path):
+        raise AdapterNotFoundError(f"no {ADAPTER_CONFIG} in {directory}; is it a save_adapters directory?")
+    with open(path) as f:
+        return LoraConfig(**json.load(f))
+
+
+def load_adapters(model: nnx.Module, directory: str) -> LoraConfig:
+    """Loads saved adapters into a model already wrapped by `apply_lora`; returns their config."""
+    config = read_adapter_config(directory)
+    path = os.path.join(directory, ADAPTER_WEIGHTS)
+    if not os.path.exists(path):
+        raise AdapterNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}; is it a save_adapters directory?")
+    for name, m in _require_lora(model):
+        if (m.rank, m.alpha) != (config.rank, config.alpha):
+            raise LoraError(
+                f"{name} has rank {m.rank}, alpha {m.alpha} but the adapters in {directory} were "
+                f"trained with rank {config.rank}, alpha {config.alpha}; wrap the model with "
+                "read_adapter_config(directory)."
+            )
+    tensors = safetensors.numpy.load_file(path)
+    variables = _flat_adapters(model)
+    missing, extra = sorted(variables.keys() - tensors.keys()), sorted(tensors.keys() - variables.keys())
+    if missing or extra:
+        raise LoraError(
+            f"adapters in {path} do not match the model's LoRA modules: missing {missing}, "
+            f"unexpected {extra}. Wrap the model with the same targets as when saving."
+        )
+    for name, var in variables.items():
+        old, new = var[...], tensors[name]
+        if new.shape != old.shape:
+            raise LoraError(f"adapter tensor {name} has shape {new.shape} in {path} but {old.shape} in the model.")
+        var[...] = jax.device_put(new.astype(old.dtype), old.sharding)  # keep the model's layout
+    return config
