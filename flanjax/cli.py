@@ -6,6 +6,8 @@
     flanjax bench decode --model=bench_27m --batch_size=8 --prompt_len=128 --new_tokens=128
     flanjax tasks list --cluster nli --json
     flanjax tasks preview flan_rte -n 2 --mock
+    flanjax convert from-hf --in hf/Llama-3.2-1B --out runs/llama1b --add_tokens "<|eot|>"
+    flanjax convert to-hf --in runs/my_sft --out hf/my_sft
 
 Configuration is gin, t5x style: `--gin_file` (repeatable; files `include` each other) and
 `--gin.KEY=VALUE` bindings applied after the files. The parsed config is written to
@@ -174,6 +176,22 @@ def cmd_bench(args: argparse.Namespace, bindings: list[str]) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace, bindings: list[str]) -> int:
+    from flanjax import convert
+    from flanjax.sharding import MeshConfig
+
+    mesh = MeshConfig(**{k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))}) if args.mesh else MeshConfig(data=1, fsdp=-1)
+    if args.direction == "from-hf":
+        config = convert.from_hf(args.source, args.out, dtype=args.dtype, mesh=mesh, add_tokens=tuple(args.add_tokens),
+                                 allow_pickle=args.allow_pickle)  # fmt: skip
+        print(f"Wrote {args.out}: {config.num_params() / 1e6:.1f}M parameters, vocabulary {config.vocab_size}. "
+              f"Train from it with --gin_file={os.path.join(args.out, 'model.gin')} after the run's gin file.")  # fmt: skip
+    else:
+        convert.to_hf(args.source, args.out, mesh=mesh)
+        print(f"Wrote {args.out}: load it with transformers.AutoModelForCausalLM.from_pretrained({args.out!r}).")
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace, bindings: list[str]) -> int:
     import importlib
 
@@ -278,6 +296,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--option_len", type=int, default=8, help="rank: tokens per scored option")
     bench.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
     bench.set_defaults(run=cmd_bench)
+
+    convert = commands.add_parser(
+        "convert",
+        help="Hugging Face checkpoints into flanjax run directories and back",
+        description="from-hf: a local Hugging Face model directory (config.json + safetensors, tokenizer) "
+        "-> a run directory (Orbax checkpoint, model.json, model.gin, tokenizer/). to-hf: a run directory "
+        "or step directory -> a directory transformers.AutoModelForCausalLM.from_pretrained loads "
+        "(LoRA adapters merged in).",
+    )
+    convert.add_argument("direction", choices=["from-hf", "to-hf"])
+    convert.add_argument("--in", dest="source", required=True, help="from-hf: HF model directory; to-hf: run or step directory")
+    convert.add_argument("--out", required=True, help="from-hf: new run directory; to-hf: output directory")
+    convert.add_argument("--dtype", default="float32", help="from-hf: parameter dtype (float32 or bfloat16)")
+    convert.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=1,fsdp=8 (default: fsdp over all devices)")
+    convert.add_argument("--add_tokens", nargs="*", default=[], help="from-hf: special tokens to add (e.g. an end-of-turn token)")
+    convert.add_argument("--allow_pickle", action="store_true", help="from-hf: read pytorch_model.bin (torch.load, weights_only=True)")
+    convert.set_defaults(run=cmd_convert)
 
     tasks = commands.add_parser("tasks", help="list registered tasks and mixtures; preview rendered examples")
     actions = tasks.add_subparsers(dest="action", metavar="ACTION", required=True)

@@ -170,10 +170,10 @@ class Partitioner:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
         )
 
-    def create(self, init_fn: Callable[[], Any], abstract_state: Any) -> Any:
-        """Builds `init_fn()`'s state directly in its shardings: no unsharded copy anywhere."""
+    def create(self, init_fn: Callable[..., Any], abstract_state: Any, *args: Any) -> Any:
+        """Builds `init_fn(*args)`'s state directly in its shardings: no unsharded copy anywhere."""
         with self.activate():
-            return jax.jit(lambda: nnx.state(init_fn()), out_shardings=shardings_of(abstract_state))()
+            return jax.jit(lambda *a: nnx.state(init_fn(*a)), out_shardings=shardings_of(abstract_state))(*args)
 
     def check_parameters(self, abstract_state: Any) -> None:
         """Fails at start-up, naming the parameter, if an axis is unnamed, unknown or uneven."""

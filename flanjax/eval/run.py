@@ -18,18 +18,34 @@ from flax import nnx
 from flanjax.data.pipeline import check_vocabulary
 from flanjax.eval.evaluator import EvalConfig, Evaluator, TaskResult, flat_metrics
 from flanjax.eval.report import markdown_table, write_results
-from flanjax.models.transformer import Transformer, TransformerConfig
+from flanjax.models.lora import LoraConfig
+from flanjax.models.transformer import TransformerConfig
 from flanjax.sharding import MeshConfig, Partitioner
 from flanjax.train.checkpoint import Checkpointer, CheckpointNotFoundError
 from flanjax.train.metrics import MetricsLog, console
+from flanjax.train.steps import new_model
 
 MODEL_FILE = "model.json"  # the run's TransformerConfig, written by `flanjax train`
+LORA_FILE = "lora.json"  # its LoraConfig, if it trains adapters
+INIT_FILE = "init_checkpoint.txt"  # the run directory its weights started from, if any
 
 
-def write_model_config(model_dir: str, model: TransformerConfig) -> None:
+def write_model_config(model_dir: str, model: TransformerConfig, lora: LoraConfig | None = None) -> None:
     os.makedirs(model_dir, exist_ok=True)
     with open(os.path.join(model_dir, MODEL_FILE), "w") as f:
         json.dump(dataclasses.asdict(model), f, indent=2)
+    if lora is not None:
+        with open(os.path.join(model_dir, LORA_FILE), "w") as f:
+            json.dump(dataclasses.asdict(lora), f, indent=2)
+
+
+def read_lora_config(run_dir: str) -> LoraConfig | None:
+    """The run's LoRA adapters (lora.json), if it trained any."""
+    path = os.path.join(run_dir, LORA_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return LoraConfig(**json.load(f))
 
 
 def read_model_config(run_dir: str) -> TransformerConfig:
@@ -77,7 +93,8 @@ def evaluate(
     model = model or read_model_config(run_dir)
     check_vocabulary(mixture_or_task_name, model.vocab_size)
     partitioner = Partitioner.from_config(mesh)
-    graphdef, abstract = partitioner.abstract_state(lambda: Transformer(model, rngs=nnx.Rngs(0)))
+    lora = read_lora_config(run_dir)
+    graphdef, abstract = partitioner.abstract_state(lambda: new_model(model, lora))
     # Datasets and length checks first: a bad task fails before any weights are read.
     evaluator = Evaluator(
         dataclasses.replace(evaluation, mixture_or_task_name=mixture_or_task_name),

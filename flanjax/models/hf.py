@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -524,3 +525,56 @@ def save_model(model: Transformer, directory: str, hf_config: Mapping[str, Any] 
         with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
     return directory
+
+
+# --- tokenizers -------------------------------------------------------------------------------
+
+
+def check_tokenizer(tokenizer, config: TransformerConfig, where: str = "the tokenizer") -> None:
+    if len(tokenizer) > config.vocab_size:
+        raise HFCheckpointError(
+            f"{where} has {len(tokenizer)} tokens but the model's vocabulary has {config.vocab_size} rows: "
+            "ids past the table would index nothing. Use the model's own tokenizer, or add tokens with "
+            "`add_tokens` (--add_tokens), which grows the model to fit."
+        )
+
+
+def add_tokens(
+    model: Transformer, tokenizer, tokens: list[str], partitioner: Partitioner | None = None, pad_to_multiple_of: int = 128
+) -> Transformer:
+    """Adds `tokens` (e.g. an end-of-turn token) to `tokenizer` as special tokens and returns
+    the model with rows for them: the embedding and output rows of the new ids are the mean of
+    the existing tokens' rows (Hewitt 2021: new tokens start as an average word, not as noise).
+    The table grows only if the new ids do not fit the model's (often padded) one, and then to
+    a multiple of `pad_to_multiple_of` rows so that it still splits over the mesh; rows past the
+    tokenizer's get the mean too."""
+    check_tokenizer(tokenizer, model.config)
+    old = len(tokenizer)
+    tokenizer.add_tokens(list(tokens), special_tokens=True)
+    new = len(tokenizer)
+    size = model.config.vocab_size if new <= model.config.vocab_size else -(-new // pad_to_multiple_of) * pad_to_multiple_of
+    config = dataclasses.replace(model.config, vocab_size=size)
+    if partitioner is None:
+        partitioner = Partitioner(model.embed.embedding.value.sharding.mesh)
+    graphdef, abstract = partitioner.abstract_state(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+
+    def grow(table: jax.Array, axis: int) -> jax.Array:  # `axis` indexes tokens
+        table = jnp.moveaxis(table, axis, 0)
+        pad = jnp.zeros((config.vocab_size - table.shape[0], *table.shape[1:]), table.dtype)
+        mean = jnp.mean(table[:old], axis=0)
+        return jnp.moveaxis(jnp.concatenate([table, pad]).at[old:new].set(mean).at[len(table):].set(mean), 0, axis)
+
+    def resized(params: dict) -> dict:
+        embed = {"embedding": grow(params["embed"]["embedding"], 0)}
+        head = params.get("lm_head")
+        if head is not None:
+            head = {"kernel": grow(head["kernel"], 1), **({"bias": grow(head["bias"], 0)} if "bias" in head else {})}
+        return {**params, "embed": embed, **({"lm_head": head} if head is not None else {})}
+
+    targets = nnx.to_pure_dict(abstract)
+    with partitioner.activate():
+        shardings = jax.tree.map(lambda a: a.sharding, targets)
+        params = jax.jit(resized, out_shardings=shardings)(nnx.to_pure_dict(nnx.state(model)))
+    state = jax.tree.map(lambda x: x, abstract)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)

@@ -45,9 +45,7 @@ class AdapterNotFoundError(FlanjaxError, FileNotFoundError):
 class LoraConfig:
     rank: int = 8
     alpha: float = 16.0  # the update is scaled by alpha / rank
-    # Dropout on the adapter's input. The Transformer calls its projections without rngs, so
-    # it cannot be applied there yet: `apply_lora` rejects a non-zero rate (see `LoRA`).
-    dropout: float = 0.0
+    dropout: float = 0.0  # on the adapter's input, when the model is called with dropout rngs
     # Regexes searched in module paths such as "layers/0/attn/q" or "layers/1/mlp/down".
     targets: tuple[str, ...] = (r"attn/q$", r"attn/v$")
 
@@ -164,11 +162,6 @@ def lora_modules(model: nnx.Module) -> list[tuple[str, LoRA]]:
 
 def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> list[str]:
     """Wraps every Linear/Einsum whose path matches a target in place; returns their paths."""
-    if config.dropout:
-        raise LoraError(
-            f"LoRA dropout={config.dropout} cannot take effect: the Transformer calls its "
-            "projections without rngs, so the adapters would run without dropout. Set dropout=0."
-        )
     if lora_modules(model):
         raise LoraError("the model already has LoRA adapters; apply_lora once per model.")
     projections = [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, (nnx.Linear, nnx.Einsum))]
@@ -181,15 +174,29 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> list
             f"(re.search) in module paths such as: {', '.join(sorted(names))}."
         )
     for parts, module in chosen:
-        parent = model
-        for part in parts[:-1]:
-            parent = parent[part] if isinstance(part, int) else getattr(parent, part)
-        wrapper = LoRA(module, config.rank, config.alpha, config.dropout, rngs=rngs)
-        if isinstance(parts[-1], int):
-            parent[parts[-1]] = wrapper
-        else:
-            setattr(parent, parts[-1], wrapper)
+        _replace(model, parts, LoRA(module, config.rank, config.alpha, config.dropout, rngs=rngs))
     return [_path(p) for p, _ in chosen]
+
+
+def remove_lora(model: nnx.Module) -> list[str]:
+    """Merges every adapter into its kernel and puts the plain projection back in place: the
+    model is then a plain Transformer again (to export it, or to serve it without adapters)."""
+    modules = [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, LoRA)]
+    for parts, module in modules:
+        if not module.merged:
+            module.merge()
+        _replace(model, parts, module.base)
+    return [_path(p) for p, _ in modules]
+
+
+def _replace(model: nnx.Module, parts: tuple, new: nnx.Module) -> None:
+    parent = model
+    for part in parts[:-1]:
+        parent = parent[part] if isinstance(part, int) else getattr(parent, part)
+    if isinstance(parts[-1], int):
+        parent[parts[-1]] = new
+    else:
+        setattr(parent, parts[-1], new)
 
 
 def _require_lora(model: nnx.Module) -> list[tuple[str, LoRA]]:
@@ -231,11 +238,7 @@ def save_adapters(model: nnx.Module, directory: str, config: LoraConfig) -> None
     os.makedirs(directory, exist_ok=True)
     safetensors.numpy.save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS))
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
-        json.dump(
-            {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout, "targets": list(config.targets)},
-            f,
-            indent=2,
-        )
+        json.dump(dataclasses.asdict(config), f, indent=2)
 
 
 def read_adapter_config(directory: str) -> LoraConfig:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flanjax.models.lora import LoRA
 from flanjax.sharding import constrain
 
 Axes = tuple[str | None, ...]
@@ -265,9 +266,9 @@ class Attention(nnx.Module):
         rngs: nnx.Rngs | None,
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
-        q = constrain(self.q(x), ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
-        k = constrain(self.k(x), ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
-        v = constrain(self.v(x), ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
+        q = constrain(project(self.q, x, rngs), ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+        k = constrain(project(self.k, x, rngs), ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
+        v = constrain(project(self.v, x, rngs), ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
         if cfg.position == "rope":
             inv_freq = rope_frequencies(cfg)
             q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
@@ -290,7 +291,12 @@ class Attention(nnx.Module):
             # Within a row, slot distance is position distance (rows are contiguous after padding).
             out = _attend(q, k, v, attention_mask(segment_ids, q_slots, cache.segment_ids, k_slots, window), scale)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
-        return self.o(out), cache
+        return project(self.o, out, rngs), cache
+
+
+def project(module: nnx.Module, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    """A projection of `x`; LoRA adapters also get the dropout randomness."""
+    return module(x, rngs=rngs) if isinstance(module, LoRA) else module(x)
 
 
 def _write_cache(cache: KVCache, layer: int, k: jax.Array, v: jax.Array):
@@ -344,13 +350,13 @@ class MLP(nnx.Module):
         self.gate = linear(d, f, ("embed", "mlp"), ("mlp",)) if config.mlp == "swiglu" else None
         self.down = linear(f, d, ("mlp", "embed"), ("embed",), out_std)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         if self.gate is not None:
-            hidden = jax.nn.silu(self.gate(x)) * self.up(x)
+            hidden = jax.nn.silu(project(self.gate, x, rngs)) * project(self.up, x, rngs)
         else:
-            hidden = jax.nn.gelu(self.up(x), approximate=True)  # GPT-2's "gelu_new"
+            hidden = jax.nn.gelu(project(self.up, x, rngs), approximate=True)  # GPT-2's "gelu_new"
         hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
-        return self.down(hidden)
+        return project(self.down, hidden, rngs)
 
 
 class Block(nnx.Module):
@@ -369,10 +375,10 @@ class Block(nnx.Module):
         normed = self.attn_norm(x)
         h, cache = self.attn(normed, positions, segment_ids, cache, layer, rngs)
         if self.mlp_norm is None:  # parallel: both read the same normed input
-            x = x + drop(h) + drop(self.mlp(normed))
+            x = x + drop(h) + drop(self.mlp(normed, rngs))
         else:
             x = x + drop(h)
-            x = x + drop(self.mlp(self.mlp_norm(x)))
+            x = x + drop(self.mlp(self.mlp_norm(x), rngs))
         return constrain(x, ("activation_batch", "activation_length", "activation_embed")), cache
 
 

@@ -19,7 +19,8 @@ from rich.table import Table
 from flanjax.data.pipeline import SeqioBatches, check_vocabulary, model_feature_lengths
 from flanjax.eval.evaluator import EvalConfig, Evaluator, TaskResult, flat_metrics
 from flanjax.eval.report import write_results
-from flanjax.eval.run import write_model_config
+from flanjax.eval.run import INIT_FILE, resolve_checkpoint, write_model_config
+from flanjax.models.lora import LoraConfig
 from flanjax.models.transformer import Transformer, TransformerConfig
 from flanjax.sharding import MeshConfig, Partitioner, shardings_of
 from flanjax.train import throughput
@@ -27,7 +28,7 @@ from flanjax.train.checkpoint import CheckpointConfig, Checkpointer
 from flanjax.train.loop import LoopConfig, LoopResult, TrainLoop
 from flanjax.train.metrics import MetricsLog, console, plot_metrics
 from flanjax.train.optim import OptimizerConfig, make_optimizer, make_schedule
-from flanjax.train.steps import compile_lm_train_step, lm_init, make_lm_eval_step
+from flanjax.train.steps import compile_lm_train_step, lm_init, make_lm_eval_step, new_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +55,15 @@ def train(
     num_microbatches: int = 1,
     z_loss: float = 0.0,
     seed: int = 0,
+    init_checkpoint: str | None = None,
+    lora: LoraConfig | None = None,
 ) -> LoopResult:
     """Trains `model` on `mixture_or_task_name` for `loop.num_steps` steps of `batch_size`
-    sequences (global), resuming from `model_dir` if it holds checkpoints."""
+    sequences (global), resuming from `model_dir` if it holds checkpoints.
+
+    `init_checkpoint`: a run directory (its latest step) or step directory whose model
+    weights start a fresh run, e.g. one written by `flanjax convert from-hf`. `lora`: train
+    low-rank adapters on those weights, which stay frozen."""
     partitioner = Partitioner.from_config(mesh)
     per_process = partitioner.per_process_batch_size(batch_size)
     batches = SeqioBatches(
@@ -64,11 +71,11 @@ def train(
     )
     check_vocabulary(mixture_or_task_name, model.vocab_size)
     if jax.process_index() == 0:
-        write_model_config(model_dir, model)  # lets `flanjax eval` rebuild the model
+        write_model_config(model_dir, model, lora)  # lets `flanjax eval` rebuild the model
 
-    init = lm_init(model, make_optimizer(optimizer, loop.num_steps), seed)
+    init = lm_init(model, make_optimizer(optimizer, loop.num_steps), seed, lora)
     graphdef, abstract_state = partitioner.abstract_state(init)
-    model_graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(model, rngs=nnx.Rngs(0))))[0]
+    model_graphdef = nnx.split(nnx.eval_shape(lambda: new_model(model, lora)))[0]
     step_fn = compile_lm_train_step(
         partitioner, graphdef, abstract_state, z_loss=z_loss, num_microbatches=num_microbatches, seed=seed
     )
@@ -117,8 +124,19 @@ def train(
         f"Training {model.num_params() / 1e6:.2f}M parameters on {mixture_or_task_name} for "
         f"{loop.num_steps} steps; mesh {dict(partitioner.mesh.shape)}; run dir {model_dir}"
     )
+    def create():
+        if init_checkpoint is None:
+            return partitioner.create(init, abstract_state)
+        run_dir, step = resolve_checkpoint(init_checkpoint)
+        console.print(f"Initialising from {run_dir} step {step}")
+        if jax.process_index() == 0:  # the run's origin, for `flanjax convert to-hf`
+            with open(os.path.join(model_dir, INIT_FILE), "w") as f:
+                f.write(run_dir)
+        plain = partitioner.abstract_state(lambda: Transformer(model, rngs=nnx.Rngs(0)))[1]
+        return partitioner.create(init, abstract_state, Checkpointer(run_dir, read_only=True).restore_model(step, plain))
+
     with partitioner.activate():
-        result = trainer.run(lambda: partitioner.create(init, abstract_state), abstract_state)
+        result = trainer.run(create, abstract_state)
     checkpointer.close()
     metrics.close()
     batches.close()

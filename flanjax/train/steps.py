@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from flanjax.models.lora import LoraConfig, apply_lora
 from flanjax.models.transformer import Transformer, TransformerConfig
 from flanjax.sharding import Partitioner, shardings_of
 from flanjax.train.objectives import TokenStats, token_cross_entropy
@@ -22,12 +23,23 @@ from flanjax.train.objectives import TokenStats, token_cross_entropy
 Batch = Mapping[str, jax.Array]
 
 
-def lm_init(config: TransformerConfig, tx: optax.GradientTransformation, seed: int = 0):
-    """The function building a fresh (model, optimizer): pass it to `Partitioner.create`."""
+def new_model(config: TransformerConfig, lora: LoraConfig | None = None, seed: int = 0, base: nnx.State | None = None) -> Transformer:
+    """A Transformer with random weights, or `base`'s (a plain model's state), plus LoRA adapters."""
+    model = Transformer(config, rngs=nnx.Rngs(params=seed))
+    if base is not None:
+        nnx.update(model, base)
+    if lora is not None:
+        apply_lora(model, lora, rngs=nnx.Rngs(params=seed + 1))
+    return model
 
-    def init():
-        model = Transformer(config, rngs=nnx.Rngs(params=seed))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+def lm_init(config: TransformerConfig, tx: optax.GradientTransformation, seed: int = 0, lora: LoraConfig | None = None):
+    """The function building (model, optimizer), from scratch or from a plain model's state:
+    pass it to `Partitioner.create`. With LoRA the optimizer holds the adapters only."""
+
+    def init(base: nnx.State | None = None):
+        model = new_model(config, lora, seed, base)
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param if lora is None else nnx.LoRAParam)
 
     return init
 
@@ -67,7 +79,7 @@ def make_lm_train_step(graphdef: nnx.GraphDef, *, z_loss: float = 0.0, num_micro
 
     def step(state: nnx.State, batch: Batch):
         model, optimizer = nnx.merge(graphdef, state)
-        model_def, params, rest = nnx.split(model, nnx.Param, ...)
+        model_def, params, rest = nnx.split(model, optimizer.wrt, ...)  # the trained parameters
         # Dropout keys from (seed, step): resumable without saving any RNG state.
         key = jax.random.fold_in(jax.random.key(seed), optimizer.step[...])
 

@@ -1,0 +1,137 @@
+"""`flanjax convert`: Hugging Face checkpoints into flanjax run directories and back.
+
+    flanjax convert from-hf --in hf/Llama-3.2-1B --out runs/llama1b [--add_tokens "<|eot|>"]
+    flanjax train --gin_file=configs/runs/sft.gin --gin_file=runs/llama1b/model.gin ...
+    flanjax convert to-hf --in runs/my_sft --out hf/my_sft
+
+A converted run directory holds an Orbax checkpoint of the weights (step 0), `model.json`,
+the source's `hf_config.json`, its tokenizer (`tokenizer/`) and `model.gin`, which binds the
+model, `run.train.init_checkpoint` and the tokenizer: including it is enough to train from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+from flax import nnx
+
+from flanjax.eval.run import INIT_FILE, read_lora_config, read_model_config, resolve_checkpoint, write_model_config
+from flanjax.models import hf
+from flanjax.models.lora import remove_lora
+from flanjax.models.transformer import TransformerConfig
+from flanjax.sharding import MeshConfig, Partitioner
+from flanjax.train.checkpoint import Checkpointer, CheckpointConfig
+from flanjax.train.steps import new_model
+
+HF_CONFIG_FILE = "hf_config.json"  # the Hugging Face config a run descends from
+TOKENIZER_DIR = "tokenizer"
+
+
+def _has_tokenizer(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def from_hf(
+    source: str,
+    run_dir: str,
+    *,
+    dtype: str = "float32",
+    mesh: MeshConfig = MeshConfig(data=1, fsdp=-1),
+    add_tokens: tuple[str, ...] = (),
+    allow_pickle: bool = False,
+) -> TransformerConfig:
+    """Writes the run directory of the Hugging Face checkpoint in `source`; returns its model."""
+    if Checkpointer(run_dir, read_only=True).latest_step() is not None:
+        raise hf.HFCheckpointError(f"{run_dir} already holds checkpoints; convert into a new directory.")
+    partitioner = Partitioner.from_config(mesh)
+    hf_config = hf.read_config(source)
+    tokenizer = None
+    if _has_tokenizer(source):
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    elif add_tokens:
+        raise hf.HFCheckpointError(f"{source} has no tokenizer files, so --add_tokens has nothing to add them to.")
+    with partitioner.activate():
+        model = hf.load_model(source, mesh=partitioner, dtype=dtype, allow_pickle=allow_pickle)
+        if tokenizer is not None:
+            hf.check_tokenizer(tokenizer, model.config, f"the tokenizer in {source}")
+        if add_tokens:
+            model = hf.add_tokens(model, tokenizer, list(add_tokens), partitioner)
+    checkpointer = Checkpointer(run_dir, CheckpointConfig(async_save=False))
+    checkpointer.save(0, {0: nnx.to_pure_dict(nnx.state(model))})  # the training layout: (model, optimizer)
+    checkpointer.close()
+    if jax.process_index() == 0:
+        write_model_config(run_dir, model.config)
+        with open(os.path.join(run_dir, HF_CONFIG_FILE), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(run_dir, TOKENIZER_DIR))
+        with open(os.path.join(run_dir, "model.gin"), "w") as f:
+            f.write(model_gin(model.config, run_dir, source, tokenizer is not None))
+    return model.config
+
+
+def model_gin(config: TransformerConfig, run_dir: str, source: str, tokenizer: bool) -> str:
+    """A gin file binding `config` as MODEL, the converted weights as the initial checkpoint
+    and the converted tokenizer as the templated tasks' tokenizer."""
+    run_dir = os.path.abspath(run_dir)
+    fields = [f"  {f.name} = {getattr(config, f.name)!r}" for f in dataclasses.fields(config)]  # all: it must win
+    lines = [
+        f"# {source} converted by `flanjax convert from-hf`. Include this file after a run file (such as",
+        "# configs/runs/sft.gin) to train from these weights with this model's tokenizer.",
+        "from __gin__ import dynamic_registration",
+        "from flanjax.data import vocab",
+        "from flanjax.models import transformer",
+        "from flanjax.train import run",
+        "",
+        "MODEL = @transformer.TransformerConfig()",
+        "transformer.TransformerConfig:",
+        *fields,
+        "",
+        f"run.train.init_checkpoint = {run_dir!r}",
+    ]
+    if tokenizer:
+        lines.append(f"vocab.default_tokenizer.path = {os.path.join(run_dir, TOKENIZER_DIR)!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _origin(run_dir: str) -> str | None:
+    """The run directory holding the HF config and tokenizer this run descends from: itself,
+    or (recursively) the run its weights were initialised from."""
+    seen = set()
+    while run_dir and run_dir not in seen:
+        seen.add(run_dir)
+        if os.path.exists(os.path.join(run_dir, HF_CONFIG_FILE)):
+            return run_dir
+        init = os.path.join(run_dir, INIT_FILE)
+        if not os.path.exists(init):
+            return None
+        with open(init) as f:
+            run_dir = f.read().strip()
+    return None
+
+
+def to_hf(checkpoint: str, out_dir: str, *, mesh: MeshConfig = MeshConfig(data=1, fsdp=-1)) -> str:
+    """Writes a run's checkpoint (a run directory's latest, or a step directory) as a Hugging Face
+    model directory, LoRA adapters merged in, with the tokenizer of the model it came from."""
+    run_dir, step = resolve_checkpoint(checkpoint)
+    config, lora = read_model_config(run_dir), read_lora_config(run_dir)
+    partitioner = Partitioner.from_config(mesh)
+    graphdef, abstract = partitioner.abstract_state(lambda: new_model(config, lora))
+    with partitioner.activate():
+        model = nnx.merge(graphdef, Checkpointer(run_dir, read_only=True).restore_model(step, abstract))
+        remove_lora(model)
+    origin = _origin(run_dir)
+    base = None
+    if origin is not None:
+        with open(os.path.join(origin, HF_CONFIG_FILE)) as f:
+            base = json.load(f)
+    hf.save_model(model, out_dir, base)
+    if origin is not None and os.path.isdir(os.path.join(origin, TOKENIZER_DIR)) and jax.process_index() == 0:
+        shutil.copytree(os.path.join(origin, TOKENIZER_DIR), out_dir, dirs_exist_ok=True)
+    return out_dir
