@@ -1,0 +1,121 @@
+"""`flanjax convert` end to end: a Hugging Face checkpoint becomes a run directory, `flanjax train`
+fine-tunes it with LoRA, and the result goes back to Hugging Face with the same logits.
+
+References: the source checkpoint's own tensors (converted weights, frozen base weights), the
+tokenizer's own ids and NumPy means (added tokens), and transformers' forward pass (export).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import gin
+import numpy as np
+import pytest
+from flax import nnx
+
+from flanjax import cli, convert
+from flanjax.eval.run import read_lora_config, read_model_config
+from flanjax.models import hf
+from flanjax.sharding import MeshConfig, Partitioner
+from flanjax.train.checkpoint import Checkpointer
+from flanjax.train.steps import new_model
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def run_cli(args) -> int:
+    gin.clear_config(clear_constants=True)
+    return cli.main(args)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny LLaMA with the quickstart's tokenizer, whose vocabulary fills the table exactly
+    (so adding a token must grow it)."""
+    import tasks.quickstart
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tasks.quickstart.tokenizer_dir())
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("hf") / "tiny_llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def restore(run_dir: str, step: int):
+    config, lora = read_model_config(run_dir), read_lora_config(run_dir)
+    partitioner = Partitioner.from_config(MeshConfig(data=1, fsdp=-1))
+    graphdef, abstract = partitioner.abstract_state(lambda: new_model(config, lora))
+    with partitioner.activate():
+        return nnx.merge(graphdef, Checkpointer(run_dir, read_only=True).restore_model(step, abstract))
+
+
+def params(model) -> dict[str, np.ndarray]:
+    return {"/".join(map(str, p)): np.asarray(v.value) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_from_hf_train_with_lora_and_back(hf_dir, tmp_path, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    source = {k: v.numpy() for k, v in transformers.AutoModelForCausalLM.from_pretrained(hf_dir).state_dict().items()}
+    old_len = len(transformers.AutoTokenizer.from_pretrained(hf_dir))
+    converted = str(tmp_path / "converted")
+    assert run_cli(["convert", "from-hf", "--in", hf_dir, "--out", converted, "--add_tokens", "<|eot|>"]) == 0
+
+    # The tokenizer gained the token at the next id; the table grew to a multiple of 128 rows,
+    # every new row is the mean of the old ones, every old row is the checkpoint's.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(converted, "tokenizer"))
+    assert tokenizer.convert_tokens_to_ids("<|eot|>") == old_len and len(tokenizer) == old_len + 1
+    model = restore(converted, 0)
+    assert model.config.vocab_size == -(-(old_len + 1) // 128) * 128
+    embed, head = np.asarray(model.embed.embedding.value), np.asarray(model.lm_head.kernel.value)
+    np.testing.assert_array_equal(embed[:old_len], source["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(head[:, :old_len], source["lm_head.weight"].T)
+    np.testing.assert_allclose(embed[old_len:], np.broadcast_to(source["model.embed_tokens.weight"].mean(0), embed[old_len:].shape), atol=1e-7)
+    np.testing.assert_allclose(head[:, old_len:].T, np.broadcast_to(source["lm_head.weight"].mean(0), head[:, old_len:].T.shape), atol=1e-7)
+    gin_text = open(os.path.join(converted, "model.gin")).read()
+    assert "run.train.init_checkpoint" in gin_text and "vocab.default_tokenizer.path" in gin_text
+
+    # LoRA training from the converted weights: the base stays bit-identical, adapters move.
+    tuned = str(tmp_path / "tuned")
+    args = ["train", "--gin_file=tests/tiny_run.gin", f"--gin_file={converted}/model.gin", "--gin_file=configs/runs/lora.gin",
+            f"--gin.MODEL_DIR={tuned}", "--gin.TRAIN_STEPS=3", "--gin.lora.LoraConfig.dropout=0.0"]  # fmt: skip
+    assert run_cli(args) == 0
+    trained, base = params(restore(tuned, 3)), params(model)
+    adapters = {k for k in trained if "lora_" in k}
+    assert adapters and {k.replace("/base", "") for k in trained.keys() - adapters} == base.keys()
+    for name, value in trained.items():
+        if name not in adapters:
+            np.testing.assert_array_equal(value, base[name.replace("/base", "")], err_msg=name)
+    assert any(np.abs(v).max() > 0 for k, v in trained.items() if k.endswith("lora_b"))
+
+    # Back to Hugging Face, adapters merged: transformers gives the LoRA model's logits.
+    exported = str(tmp_path / "exported")
+    assert run_cli(["convert", "to-hf", "--in", tuned, "--out", exported]) == 0
+    assert json.load(open(os.path.join(exported, "config.json")))["vocab_size"] == model.config.vocab_size
+    assert transformers.AutoTokenizer.from_pretrained(exported).convert_tokens_to_ids("<|eot|>") == old_len
+    tokens = np.random.default_rng(0).integers(0, old_len + 1, (2, 9))
+    with torch.no_grad():
+        expected = transformers.AutoModelForCausalLM.from_pretrained(exported)(torch.from_numpy(tokens)).logits.numpy()
+    ours = np.asarray(restore(tuned, 3)(tokens)[0])
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def test_conversion_errors(hf_dir, tmp_path, capsys):
+    target = str(tmp_path / "run")
+    assert run_cli(["convert", "from-hf", "--in", hf_dir, "--out", target]) == 0
+    assert run_cli(["convert", "from-hf", "--in", hf_dir, "--out", target]) == 1
+    assert "already holds checkpoints; convert into a new directory" in capsys.readouterr().err
+    # A tokenizer with more tokens than the model has rows.
+    small = str(tmp_path / "small")
+    config = json.load(open(os.path.join(hf_dir, "config.json")))
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**config, "vocab_size": 64})).save_pretrained(small)
+    transformers.AutoTokenizer.from_pretrained(hf_dir).save_pretrained(small)
+    with pytest.raises(hf.HFCheckpointError, match=r"tokens but the model's vocabulary has 64 rows"):
+        convert.from_hf(small, str(tmp_path / "small_run"))
