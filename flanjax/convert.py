@@ -96,7 +96,7 @@ def model_gin(config: TransformerConfig, run_dir: str, source: str, tokenizer: b
         f"run.train.init_checkpoint = {run_dir!r}",
     ]
     if tokenizer:
-        lines.append(f"vocab.default_tokenizer.path = {os.path.join(run_dir, TOKENIZER_DIR)!r}")
+        lines += [f"TOKENIZER = {os.path.join(run_dir, TOKENIZER_DIR)!r}", "vocab.default_tokenizer.path = %TOKENIZER"]
     return "\n".join(lines) + "\n"
 
 

@@ -37,7 +37,7 @@ def test_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    for command in ("train", "eval", "bench", "tasks"):
+    for command in ("train", "eval", "bench", "tasks", "convert"):
         assert command in out
 
 
