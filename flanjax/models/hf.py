@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -59,8 +59,11 @@ def read_config(path: str) -> dict[str, Any]:
             f"{file} not found: point --in / load_model at a Hugging Face model directory (one "
             "holding config.json and *.safetensors, e.g. from `hf download MODEL --local-dir DIR`)."
         )
-    with open(file) as f:
-        model_type = json.load(f).get("model_type")
+    try:
+        with open(file) as f:
+            model_type = json.load(f).get("model_type")
+    except json.JSONDecodeError as e:
+        raise HFCheckpointError(f"{file} is not valid JSON ({e}); download the checkpoint again.") from None
     if model_type not in FAMILIES:
         raise HFCheckpointError(
             f"{file}: model_type {model_type!r} is not supported; supported architectures: "
@@ -79,6 +82,8 @@ def config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> Transformer
         _require(hf, "hidden_act", "silu")
         rope = dict(hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10_000.0)})
         theta = rope.pop("rope_theta")
+        if rope.get("rope_type", "default") not in ("default", "linear", "llama3"):
+            raise HFCheckpointError(f"{kind} checkpoint with rope_type={rope['rope_type']!r} is not supported (flanjax implements default, linear, llama3).")
         if rope.get("rope_type", "default") == "default":
             rope = {}
         layers = hf["num_hidden_layers"]
@@ -356,9 +361,13 @@ class SafetensorsReader:
         if self._pickled is not None:
             return self._pickled[name]
         file, entry = self.entries[name]
-        dtype = np.dtype(_DTYPES[entry["dtype"]])
+        if entry["dtype"] not in _DTYPES:
+            raise HFCheckpointError(f"{file}: tensor {name} has dtype {entry['dtype']}, which flanjax does not read.")
         count = int(np.prod(entry["shape"], dtype=np.int64))
-        return np.fromfile(file, dtype=dtype, count=count, offset=entry["start"]).reshape(entry["shape"])
+        data = np.fromfile(file, dtype=np.dtype(_DTYPES[entry["dtype"]]), count=count, offset=entry["start"])
+        if data.size != count:
+            raise HFCheckpointError(f"{file}: tensor {name} is truncated (the file ends early); download the checkpoint again.")
+        return data.reshape(entry["shape"])
 
 
 def _load_pickle(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
@@ -408,20 +417,25 @@ def _flat_paths(state: nnx.State) -> dict[str, tuple]:
     return {"/".join(map(str, path)): path for path, _ in nnx.to_flat_state(state)}
 
 
-def _match(names: list[str], table: list[Tensor], tied: bool) -> Iterator[tuple[Tensor, str | None]]:
-    """Each table entry with the checkpoint's name for it (None if absent). Old GPT-2
-    checkpoints store names without the `transformer.` prefix."""
+def _match(path: str, names: list[str], table: list[Tensor], tied: bool) -> list[tuple[Tensor, str]]:
+    """Each table entry with the checkpoint's name for it, checked before anything is read.
+    Old GPT-2 checkpoints store names without the `transformer.` prefix."""
     available = set(names)
     short = lambda name: name.removeprefix("transformer.")  # noqa: E731
-    for t in table:
-        yield t, t.name if t.name in available else short(t.name) if short(t.name) in available else None
     used = {n for t in table for n in (t.name, short(t.name))}
     extra = sorted(n for n in available - used if not n.endswith(_BUFFER_SUFFIXES) and not (tied and n == "lm_head.weight"))
     if extra:
         raise HFCheckpointError(
-            f"the checkpoint has tensors flanjax does not know, e.g. {extra[:3]}: it is a variant of its "
-            "architecture that flanjax does not implement."
+            f"{path}: the checkpoint has tensors flanjax does not know, e.g. {extra[:3]}: it is a variant "
+            "of its architecture that flanjax does not implement."
         )
+    matched = []
+    for t in table:
+        name = t.name if t.name in available else short(t.name) if short(t.name) in available else None
+        if name is None:
+            raise HFCheckpointError(f"{path}: tensor {t.name} is missing; the checkpoint is incomplete or of another architecture.")
+        matched.append((t, name))
+    return matched
 
 
 def load_state(path: str, config: TransformerConfig, model_type: str, abstract: nnx.State, allow_pickle: bool = False) -> nnx.State:
@@ -430,9 +444,7 @@ def load_state(path: str, config: TransformerConfig, model_type: str, abstract: 
     paths = _flat_paths(abstract)
     targets = dict(nnx.to_flat_state(abstract))
     pure: dict[tuple, jax.Array] = {}
-    for tensor, name in _match(reader.names(), tensors(config, model_type), config.tie_embeddings):
-        if name is None:
-            raise HFCheckpointError(f"{path}: tensor {tensor.name} is missing; the checkpoint is incomplete or of another architecture.")
+    for tensor, name in _match(path, reader.names(), tensors(config, model_type), config.tie_embeddings):
         raw = reader.read(name)
         expected = [targets[paths[p]].value.shape for p in tensor.params]
         try:
