@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/vs_torch.py train
 	$(PY) benchmarks/vs_torch.py decode
 	$(VENV)/bin/flanjax bench rank
+	$(PY) benchmarks/hf_load.py --shape tinyllama
 
 clean:
 	rm -rf $(VENV) runs

@@ -111,9 +111,12 @@ EVAL_CONFIG = os.path.join(cli.REPO_ROOT, "configs", "runs", "eval.gin")
 
 @pytest.mark.parametrize("path", [p for p in RUN_CONFIGS if p != EVAL_CONFIG])
 def test_every_run_config_trains(path, tmp_path):
-    """Dry run: each shipped run config trains two steps (shrunk where it is large)."""
-    args = ["train", f"--gin_file={path}", f"--gin.MODEL_DIR={tmp_path}", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8"]
-    if os.path.basename(path) == "sft.gin":
+    """Dry run: each shipped run config trains two steps (shrunk where it is large); add-ons
+    (lora.gin) on top of sft.gin."""
+    add_on = os.path.basename(path) == "lora.gin"
+    files = ["--gin_file=configs/runs/sft.gin"] if add_on else []
+    args = ["train", *files, f"--gin_file={path}", f"--gin.MODEL_DIR={tmp_path}", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8"]
+    if os.path.basename(path) == "sft.gin" or add_on:
         args += ["--gin_file=configs/models/tiny.gin", "--gin.MIXTURE_OR_TASK_NAME='quickstart'",
                  "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 16}"]  # fmt: skip
     if os.path.basename(path) == "quickstart.gin":

@@ -357,6 +357,12 @@ class SafetensorsReader:
     def names(self) -> list[str]:
         return list(self._pickled if self._pickled is not None else self.entries)
 
+    def nbytes(self, name: str) -> int:
+        if self._pickled is not None:
+            return self._pickled[name].nbytes
+        start, end = self.entries[name][1]["data_offsets"]
+        return end - start
+
     def read(self, name: str) -> np.ndarray:
         if self._pickled is not None:
             return self._pickled[name]
@@ -444,7 +450,9 @@ def load_state(path: str, config: TransformerConfig, model_type: str, abstract: 
     paths = _flat_paths(abstract)
     targets = dict(nnx.to_flat_state(abstract))
     pure: dict[tuple, jax.Array] = {}
-    for tensor, name in _match(path, reader.names(), tensors(config, model_type), config.tie_embeddings):
+    matched = _match(path, reader.names(), tensors(config, model_type), config.tie_embeddings)
+    # Largest first: the one-tensor transient comes while little of the model is resident.
+    for tensor, name in sorted(matched, key=lambda m: -reader.nbytes(m[1])):
         raw = reader.read(name)
         expected = [targets[paths[p]].value.shape for p in tensor.params]
         try:
