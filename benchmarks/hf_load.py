@@ -7,8 +7,8 @@
 
 Writes a random checkpoint with the exact Hugging Face LLaMA tensor names and shapes
 (config.json from `transformers.LlamaConfig`, safetensors shards of `--shard_gb` plus
-model.safetensors.index.json, as `save_pretrained` lays them out), streaming one chunk of
-one tensor at a time, so generating never holds a whole tensor in memory. Then a fresh child
+model.safetensors.index.json, as `save_pretrained` lays them out), one shard in memory at a
+time (safetensors.numpy.save_file). Then a fresh child
 process (8 CPU devices via --xla_force_host_platform_device_count; XLA's memory-optimised CPU
 scheduler, see NO_HOISTING) imports flanjax, calls `flanjax.models.hf.load_model` onto the
 mesh, waits for the arrays and runs one tiny jitted forward pass (8 tokens for each
@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -63,7 +62,7 @@ SHAPES = {
     ),
 }  # fmt: skip
 
-ST_DTYPES = {"bfloat16": "BF16", "float32": "F32"}
+ST_DTYPES = {"bfloat16": "BF16", "float32": "F32"}  # safetensors header names
 
 
 def rss_status() -> dict[str, int]:
@@ -127,33 +126,23 @@ def write_config(directory: str, shape: dict, dtype: str) -> None:
 
 
 def write_shard(file: str, tensors: list[tuple[str, tuple[int, ...]]], dtype: str, rng: np.random.Generator) -> int:
-    """One safetensors file, written as the format lays it out (u64 header size, JSON header
-    padded with spaces to 8 bytes, raw little-endian data), the data generated chunk by chunk:
-    norms are ones, everything else normal * 0.02 as Hugging Face initialises LLaMA."""
+    """One safetensors file (safetensors.numpy.save_file: this process holds one shard, never the
+    loading process): norms are ones, everything else normal * 0.02 as Hugging Face initialises LLaMA."""
     import ml_dtypes
+    from safetensors.numpy import save_file
 
     np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
+    arrays = {}
     for name, shp in tensors:
-        size = int(np.prod(shp)) * np_dtype.itemsize
-        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shp), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for name, shp in tensors:
-            count = int(np.prod(shp))
-            if name.endswith("norm.weight"):
-                f.write(np.ones(count, np_dtype).tobytes())
-                continue
-            for start in range(0, count, CHUNK):
-                chunk = rng.standard_normal(min(CHUNK, count - start), dtype=np.float32)
-                chunk *= 0.02
-                f.write(chunk.astype(np_dtype, copy=False).tobytes())
-    return offset
+        if name.endswith("norm.weight"):
+            arrays[name] = np.ones(shp, np_dtype)
+            continue
+        values = np.empty(int(np.prod(shp)), np_dtype)
+        for start in range(0, values.size, CHUNK):  # float32 draws in chunks, not the whole tensor
+            values[start : start + CHUNK] = rng.standard_normal(min(CHUNK, values.size - start), dtype=np.float32) * 0.02
+        arrays[name] = values.reshape(shp)
+    save_file(arrays, file, metadata={"format": "pt"})
+    return sum(a.nbytes for a in arrays.values())
 
 
 def generate(directory: str, shape: dict, dtype: str, shard_bytes: int, seed: int = 0) -> None:
@@ -297,7 +286,7 @@ def main() -> None:
             start = time.perf_counter()
             generate(directory, shape, args.dtype, int(args.shard_gb * 1e9))
             gen_s = time.perf_counter() - start
-            gen_peak_rss = maxrss_bytes()  # generating streams chunks, never a whole tensor
+            gen_peak_rss = maxrss_bytes()  # generating holds one shard at a time
         check_files(directory, shape, args.dtype)
         size = checkpoint_bytes(directory)
         env = dict(os.environ, JAX_PLATFORMS="cpu")

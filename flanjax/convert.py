@@ -50,16 +50,15 @@ def from_hf(
     partitioner = Partitioner.from_config(mesh)
     hf_config = hf.read_config(source)
     tokenizer = None
-    if _has_tokenizer(source):
+    if _has_tokenizer(source):  # checked before any weights are read
         import transformers
 
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        hf.check_tokenizer(tokenizer, hf_config["vocab_size"], f"the tokenizer in {source}")
     elif add_tokens:
         raise hf.HFCheckpointError(f"{source} has no tokenizer files, so --add_tokens has nothing to add them to.")
     with partitioner.activate():
         model = hf.load_model(source, mesh=partitioner, dtype=dtype, allow_pickle=allow_pickle)
-        if tokenizer is not None:
-            hf.check_tokenizer(tokenizer, model.config, f"the tokenizer in {source}")
         if add_tokens:
             model = hf.add_tokens(model, tokenizer, list(add_tokens), partitioner)
     checkpointer = Checkpointer(run_dir, CheckpointConfig(async_save=False))

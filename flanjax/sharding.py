@@ -132,6 +132,14 @@ def shardings_of(abstract_state: Any) -> Any:
     return jax.tree.map(lambda a: a.sharding, abstract_state)
 
 
+def filled(abstract_state: nnx.State, values: Mapping) -> nnx.State:
+    """A copy of `abstract_state` holding `values` (a nested dict of arrays, the layout of
+    `nnx.to_pure_dict`) in place of its shapes."""
+    state = jax.tree.map(lambda x: x, abstract_state)
+    nnx.replace_by_pure_dict(state, values)
+    return state
+
+
 class Partitioner:
     """Owns the mesh and the rules: shardings for states and batches, sharded creation."""
 

@@ -28,7 +28,7 @@ from flax import nnx
 
 from flanjax.errors import FlanjaxError
 from flanjax.models.transformer import Transformer, TransformerConfig
-from flanjax.sharding import MeshConfig, Partitioner, make_mesh
+from flanjax.sharding import MeshConfig, Partitioner, filled, make_mesh, shardings_of
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neo", "gptj")
 ARCHITECTURES = {
@@ -75,18 +75,20 @@ def read_config(path: str) -> dict[str, Any]:
 
 def config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> TransformerConfig:
     """The flanjax model of a Hugging Face config dict (`read_config`)."""
+    fields = _family_fields(hf)
+    try:
+        return TransformerConfig(vocab_size=hf["vocab_size"], dtype=dtype, param_dtype=dtype,
+                                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **fields)  # fmt: skip
+    except ValueError as e:  # the config's own validation, e.g. an unsupported RoPE type
+        raise HFCheckpointError(f"{hf['model_type']} checkpoint: {e}") from None
+
+
+def _family_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     kind = hf["model_type"]
-    common = dict(vocab_size=hf["vocab_size"], dtype=dtype, param_dtype=dtype,
-                  tie_embeddings=bool(hf.get("tie_word_embeddings", False)))  # fmt: skip
     if kind in ("llama", "mistral", "qwen2"):
         _require(hf, "hidden_act", "silu")
         rope = dict(hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10_000.0)})
         theta = rope.pop("rope_theta")
-        if rope.get("rope_type", "default") not in ("default", "linear", "llama3"):
-            raise HFCheckpointError(f"{kind} checkpoint with rope_type={rope['rope_type']!r} is not supported (flanjax implements default, linear, llama3).")
-        if rope.get("rope_type", "default") == "default":
-            rope = {}
-        layers = hf["num_hidden_layers"]
         window, window_layers = None, None
         if kind == "mistral" and hf.get("sliding_window"):
             window = hf["sliding_window"]
@@ -94,33 +96,34 @@ def config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> Transformer
         if kind == "qwen2" and "sliding_attention" in types:
             window = hf["sliding_window"]
             window_layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-        return TransformerConfig(
-            **common, d_model=hf["hidden_size"], num_layers=layers, num_heads=hf["num_attention_heads"],
+        return dict(
+            d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
             num_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"],
             max_len=hf["max_position_embeddings"], norm_eps=hf["rms_norm_eps"], rope_theta=theta,
-            rope_scaling=rope or None, sliding_window=window, sliding_window_layers=window_layers,
+            rope_scaling=None if rope.get("rope_type", "default") == "default" else rope,
+            sliding_window=window, sliding_window_layers=window_layers,
             qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias")), out_bias=bool(hf.get("attention_bias")),
             mlp_bias=bool(hf.get("mlp_bias")),
         )  # fmt: skip
     _require(hf, "activation_function", "gelu_new")
     d = hf["n_embd"] if kind != "gpt_neo" else hf["hidden_size"]
     d_ff = hf.get("n_inner") or hf.get("intermediate_size") or 4 * d
-    gpt = dict(**common, d_model=d, d_ff=d_ff, norm="layer", norm_eps=hf["layer_norm_epsilon"], mlp="gelu", mlp_bias=True)
+    gpt = dict(d_model=d, d_ff=d_ff, norm="layer", norm_eps=hf["layer_norm_epsilon"], mlp="gelu", mlp_bias=True)
     if kind == "gpt2":
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
             raise HFCheckpointError("GPT-2 checkpoints with scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn are not supported.")
-        return TransformerConfig(
+        return dict(
             **gpt, num_layers=hf["n_layer"], num_heads=hf["n_head"], max_len=hf["n_positions"], position="learned",
             qkv_bias=True, out_bias=True, attention_scale=None if hf.get("scale_attn_weights", True) else 1.0,
         )  # fmt: skip
     if kind == "gpt_neo":
         local = tuple(i for i, t in enumerate(hf["attention_layers"]) if t == "local")
-        return TransformerConfig(
+        return dict(
             **gpt, num_layers=hf["num_layers"], num_heads=hf["num_heads"], max_len=hf["max_position_embeddings"],
             position="learned", out_bias=True, attention_scale=1.0,  # GPT-Neo does not scale its logits
             sliding_window=hf["window_size"] if local else None, sliding_window_layers=local or None,
         )  # fmt: skip
-    return TransformerConfig(  # gptj
+    return dict(  # gptj
         **gpt, num_layers=hf["n_layer"], num_heads=hf["n_head"], max_len=hf["n_positions"],
         rotary_dim=hf.get("rotary_dim"), parallel_residual=True, lm_head_bias=True,
     )  # fmt: skip
@@ -141,12 +144,12 @@ def config_to_hf(config: TransformerConfig, base: Mapping[str, Any] | None = Non
         return {**base, "vocab_size": config.vocab_size}
     llama_like = config.norm == "rms" and config.position == "rope" and config.mlp == "swiglu"
     gpt2_like = config.norm == "layer" and config.position == "learned" and config.mlp == "gelu"
-    plain = not (config.parallel_residual or config.rotary_dim or config.lm_head_bias or config.attention_scale)
-    if llama_like and plain and not config.sliding_window and config.qkv_bias == config.out_bias:
+    plain = not (config.parallel_residual or config.rotary_dim or config.lm_head_bias or config.attention_scale or config.sliding_window)
+    if llama_like and plain and config.qkv_bias == config.out_bias:
         kind, extra = "llama", dict(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
-    elif llama_like and plain and not config.sliding_window and config.qkv_bias and not (config.out_bias or config.mlp_bias):
+    elif llama_like and plain and config.qkv_bias and not (config.out_bias or config.mlp_bias):
         kind, extra = "qwen2", {}
-    elif gpt2_like and plain and config.qkv_bias and config.out_bias and config.mlp_bias and not config.sliding_window:
+    elif gpt2_like and plain and config.qkv_bias and config.out_bias and config.mlp_bias:
         return {
             "model_type": "gpt2", "architectures": [ARCHITECTURES["gpt2"]], "vocab_size": config.vocab_size,
             "n_embd": config.d_model, "n_layer": config.num_layers, "n_head": config.num_heads, "n_inner": config.d_ff,
@@ -419,10 +422,6 @@ def _place(value: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
     return jax.make_array_from_single_device_arrays(target.shape, target.sharding, shards)
 
 
-def _flat_paths(state: nnx.State) -> dict[str, tuple]:
-    return {"/".join(map(str, path)): path for path, _ in nnx.to_flat_state(state)}
-
-
 def _match(path: str, names: list[str], table: list[Tensor], tied: bool) -> list[tuple[Tensor, str]]:
     """Each table entry with the checkpoint's name for it, checked before anything is read.
     Old GPT-2 checkpoints store names without the `transformer.` prefix."""
@@ -447,14 +446,13 @@ def _match(path: str, names: list[str], table: list[Tensor], tied: bool) -> list
 def load_state(path: str, config: TransformerConfig, model_type: str, abstract: nnx.State, allow_pickle: bool = False) -> nnx.State:
     """The parameters of the checkpoint in `path`, placed in the shardings `abstract` carries."""
     reader = SafetensorsReader(path, allow_pickle)
-    paths = _flat_paths(abstract)
-    targets = dict(nnx.to_flat_state(abstract))
+    targets = {"/".join(map(str, p)): (p, v.value) for p, v in nnx.to_flat_state(abstract)}  # name -> (path, shape)
     pure: dict[tuple, jax.Array] = {}
     matched = _match(path, reader.names(), tensors(config, model_type), config.tie_embeddings)
     # Largest first: the one-tensor transient comes while little of the model is resident.
     for tensor, name in sorted(matched, key=lambda m: -reader.nbytes(m[1])):
         raw = reader.read(name)
-        expected = [targets[paths[p]].value.shape for p in tensor.params]
+        expected = [targets[p][1].shape for p in tensor.params]
         try:
             values = tensor.to_flanjax(raw)
             bad = any(v.shape != s for v, s in zip(values, expected))
@@ -467,11 +465,10 @@ def load_state(path: str, config: TransformerConfig, model_type: str, abstract: 
                 "The weights and config.json disagree."
             )
         for param, value in zip(tensor.params, values):
-            pure[paths[param]] = _place(value, targets[paths[param]].value)
+            key, target = targets[param]
+            pure[key] = _place(value, target)
         del raw, values
-    state = jax.tree.map(lambda x: x, abstract)
-    nnx.replace_by_pure_dict(state, nnx.traversals.unflatten_mapping(pure))
-    return state
+    return filled(abstract, nnx.traversals.unflatten_mapping(pure))
 
 
 def load_model(
@@ -550,10 +547,10 @@ def save_model(model: Transformer, directory: str, hf_config: Mapping[str, Any] 
 # --- tokenizers -------------------------------------------------------------------------------
 
 
-def check_tokenizer(tokenizer, config: TransformerConfig, where: str = "the tokenizer") -> None:
-    if len(tokenizer) > config.vocab_size:
+def check_tokenizer(tokenizer, vocab_size: int, where: str = "the tokenizer") -> None:
+    if len(tokenizer) > vocab_size:
         raise HFCheckpointError(
-            f"{where} has {len(tokenizer)} tokens but the model's vocabulary has {config.vocab_size} rows: "
+            f"{where} has {len(tokenizer)} tokens but the model's vocabulary has {vocab_size} rows: "
             "ids past the table would index nothing. Use the model's own tokenizer, or add tokens with "
             "`add_tokens` (--add_tokens), which grows the model to fit."
         )
@@ -568,7 +565,7 @@ def add_tokens(
     The table grows only if the new ids do not fit the model's (often padded) one, and then to
     a multiple of `pad_to_multiple_of` rows so that it still splits over the mesh; rows past the
     tokenizer's get the mean too."""
-    check_tokenizer(tokenizer, model.config)
+    check_tokenizer(tokenizer, model.config.vocab_size)
     old = len(tokenizer)
     tokenizer.add_tokens(list(tokens), special_tokens=True)
     new = len(tokenizer)
@@ -584,17 +581,15 @@ def add_tokens(
         mean = jnp.mean(table[:old], axis=0)
         return jnp.moveaxis(jnp.concatenate([table, pad]).at[old:new].set(mean).at[len(table):].set(mean), 0, axis)
 
-    def resized(params: dict) -> dict:
-        embed = {"embedding": grow(params["embed"]["embedding"], 0)}
-        head = params.get("lm_head")
-        if head is not None:
-            head = {"kernel": grow(head["kernel"], 1), **({"bias": grow(head["bias"], 0)} if "bias" in head else {})}
-        return {**params, "embed": embed, **({"lm_head": head} if head is not None else {})}
+    def resized(params: dict) -> dict:  # a fresh dict inside jit: updating it in place is safe
+        params["embed"]["embedding"] = grow(params["embed"]["embedding"], 0)
+        head = params.get("lm_head", {})
+        for name, axis in (("kernel", 1), ("bias", 0)):
+            if name in head:
+                head[name] = grow(head[name], axis)
+        return params
 
-    targets = nnx.to_pure_dict(abstract)
     with partitioner.activate():
-        shardings = jax.tree.map(lambda a: a.sharding, targets)
+        shardings = shardings_of(nnx.to_pure_dict(abstract))
         params = jax.jit(resized, out_shardings=shardings)(nnx.to_pure_dict(nnx.state(model)))
-    state = jax.tree.map(lambda x: x, abstract)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    return nnx.merge(graphdef, filled(abstract, params))

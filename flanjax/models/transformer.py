@@ -79,13 +79,13 @@ class TransformerConfig:
 
     def __post_init__(self):
         # gin and JSON give lists and dicts; keep the config hashable.
-        if isinstance(self.rope_scaling, dict) or isinstance(self.rope_scaling, list):
+        if isinstance(self.rope_scaling, (dict, list)):
             object.__setattr__(self, "rope_scaling", tuple(sorted(dict(self.rope_scaling).items())))
         if self.sliding_window_layers is not None:
             object.__setattr__(self, "sliding_window_layers", tuple(self.sliding_window_layers))
         rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: default, linear, llama3.")
+            raise ValueError(f"rope_type={rope_type!r} is not supported (flanjax implements default, linear, llama3).")
         if self.d_model % self.num_heads and self.head_dim is None:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from flanjax.errors import FlanjaxError
+from flanjax.sharding import filled
 
 
 class CheckpointMismatchError(FlanjaxError, ValueError):
@@ -95,8 +96,7 @@ class Checkpointer:
         )
         state = restored["state"]
         if isinstance(abstract_state, nnx.State):
-            state = jax.tree.map(lambda x: x, abstract_state)  # a copy to fill in
-            nnx.replace_by_pure_dict(state, restored["state"])
+            state = filled(abstract_state, state)
         return state, dict(restored["data"] or {})
 
     def restore_model(self, step: int, abstract_model: Any) -> Any:
@@ -112,9 +112,7 @@ class Checkpointer:
                 partial_restore=True,
             ),
         )
-        state = jax.tree.map(lambda x: x, abstract_model)  # a copy to fill in
-        nnx.replace_by_pure_dict(state, restored[0])
-        return state
+        return filled(abstract_model, restored[0])
 
     def check_compatible(self, step: int, target: Any) -> None:
         """Names the first parameter whose shape (or presence) differs from the model's, within

@@ -124,6 +124,7 @@ def train(
         f"Training {model.num_params() / 1e6:.2f}M parameters on {mixture_or_task_name} for "
         f"{loop.num_steps} steps; mesh {dict(partitioner.mesh.shape)}; run dir {model_dir}"
     )
+
     def create():
         if init_checkpoint is None:
             return partitioner.create(init, abstract_state)
