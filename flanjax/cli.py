@@ -72,8 +72,9 @@ def _split_gin_args(argv: list[str]) -> tuple[list[str], list[str]]:
 # --- commands -------------------------------------------------------------------------------
 
 
-def _call_configured(args: argparse.Namespace, bindings: list[str], fn, before=None):
-    """Joins a multi-process run if asked, parses the gin config and calls gin's `fn`."""
+def _call_configured(args: argparse.Namespace, bindings: list[str], target, before=None):
+    """Joins a multi-process run if asked, parses the gin config and calls gin's version of
+    the function `target()` names (it may depend on the config)."""
     if args.coordinator_address or args.multiprocess:
         from flanjax.sharding import initialize_distributed
 
@@ -83,6 +84,7 @@ def _call_configured(args: argparse.Namespace, bindings: list[str], fn, before=N
     parse_gin(args.gin_file, bindings)
     if before is not None:
         before()
+    fn = target()
     try:
         return gin.get_configurable(fn)()
     except TypeError as e:  # a run file that leaves one of fn's arguments unbound
@@ -92,16 +94,36 @@ def _call_configured(args: argparse.Namespace, bindings: list[str], fn, before=N
         raise
 
 
-def cmd_train(args: argparse.Namespace, bindings: list[str]) -> int:
+TRAINERS = {  # the TRAINER macro of a run file picks one; the loop is the same
+    "lm": ("flanjax.train.run", "train"),
+    "reward": ("flanjax.rlhf.reward", "train_reward"),
+    "ppo": ("flanjax.rlhf.ppo", "train_ppo"),
+}
+
+
+def _trainer():
+    import importlib
+
     import gin
 
-    from flanjax.train import run
+    try:
+        name = gin.query_parameter("TRAINER/macro.value")
+    except ValueError:
+        name = "lm"
+    if name not in TRAINERS:
+        raise UsageError(f"TRAINER = {name!r} is not one of {', '.join(map(repr, TRAINERS))}.")
+    module, fn = TRAINERS[name]
+    return getattr(importlib.import_module(module), fn)
+
+
+def cmd_train(args: argparse.Namespace, bindings: list[str]) -> int:
+    import gin
 
     def save_config():
         if _model_dir():
             _write(_model_dir(), "config.gin", gin.config_str())
 
-    result = _call_configured(args, bindings, run.train, before=save_config)
+    result = _call_configured(args, bindings, _trainer, before=save_config)
     if _model_dir():
         _write(_model_dir(), "operative_config.gin", gin.operative_config_str())
     return 0 if not result.preempted else 143
@@ -110,7 +132,7 @@ def cmd_train(args: argparse.Namespace, bindings: list[str]) -> int:
 def cmd_eval(args: argparse.Namespace, bindings: list[str]) -> int:
     from flanjax.eval import run
 
-    _call_configured(args, bindings, run.evaluate)
+    _call_configured(args, bindings, lambda: run.evaluate)
     return 0
 
 
@@ -180,7 +202,7 @@ def cmd_convert(args: argparse.Namespace, bindings: list[str]) -> int:
     from flanjax import convert
     from flanjax.sharding import MeshConfig
 
-    mesh = MeshConfig(**{k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))}) if args.mesh else MeshConfig(data=1, fsdp=-1)
+    mesh = _mesh(args.mesh) if args.mesh else MeshConfig(data=1, fsdp=-1)
     if args.direction == "from-hf":
         config = convert.from_hf(args.source, args.out, dtype=args.dtype, mesh=mesh, add_tokens=tuple(args.add_tokens),
                                  allow_pickle=args.allow_pickle)  # fmt: skip
@@ -189,6 +211,85 @@ def cmd_convert(args: argparse.Namespace, bindings: list[str]) -> int:
     else:
         convert.to_hf(args.source, args.out, mesh=mesh)
         print(f"Wrote {args.out}: load it with transformers.AutoModelForCausalLM.from_pretrained({args.out!r}).")
+    return 0
+
+
+def _mesh(spec: str | None):
+    from flanjax.sharding import MeshConfig
+
+    if not spec:
+        return MeshConfig()
+    try:
+        return MeshConfig(**{k: int(v) for k, v in (part.split("=") for part in spec.split(","))})
+    except (TypeError, ValueError):
+        raise UsageError(f"--mesh {spec!r}: expected sizes like data=2,fsdp=4.") from None
+
+
+def _sampling(args: argparse.Namespace):
+    from flanjax.decode import SamplingConfig
+
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+
+
+def _import_modules(modules: list[str]) -> None:
+    import importlib
+
+    for module in modules:
+        importlib.import_module(module)
+
+
+def cmd_label(args: argparse.Namespace, bindings: list[str]) -> int:
+    from flanjax.rlhf import feedback, sampling
+    from flanjax.sharding import Partitioner
+
+    _import_modules(args.module)
+    partitioner = Partitioner.from_config(_mesh(args.mesh))
+    prompts_vocab = sampling.task_prompts(args.task, args.split, 1)[2]
+    labelers = []
+    for spec in args.labeler:
+        kind, _, value = spec.partition(":")
+        if kind == "rubric":
+            labelers.append(feedback.RubricLabeler(feedback.load_rubric(value)))
+        elif kind == "judge":
+            labelers.append(feedback.JudgeLabeler.from_run(value, prompts_vocab, partitioner))
+        elif kind == "human":
+            labelers.append(feedback.HumanLabels(value))
+        else:
+            raise UsageError(f"--labeler {spec!r}: use rubric:MODULE:FUNCTION, judge:RUN_DIR or human:FILE.jsonl.")
+    labeler = labelers[0] if len(labelers) == 1 else feedback.MixedLabeler(labelers)
+    sampling.label(args.policy, args.task, labeler, args.out, partitioner, split=args.split, num_prompts=args.num_prompts,
+                   num_samples=args.num_samples, sampling=_sampling(args), prompt_len=args.prompt_len, seed=args.seed)  # fmt: skip
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace, bindings: list[str]) -> int:
+    from flanjax.rlhf import sampling
+    from flanjax.rlhf.reward import load_reward_model
+    from flanjax.sharding import Partitioner
+
+    _import_modules(args.module)
+    partitioner = Partitioner.from_config(_mesh(args.mesh))
+    if args.task:
+        prompts, _, vocabulary = sampling.task_prompts(args.task, args.split, args.num_prompts)
+    else:
+        from flanjax.data.vocab import HFVocabulary
+
+        if not args.tokenizer:
+            raise UsageError("give --task (prompts and tokenizer from a task) or --prompt with --tokenizer DIR.")
+        prompts, vocabulary = args.prompt, HFVocabulary(args.tokenizer)
+    if not prompts:
+        raise UsageError("no prompts: give --prompt TEXT (repeatable) or --task NAME.")
+    shape = dict(sampling=_sampling(args), prompt_len=args.prompt_len, seed=args.seed)
+    if args.best_of > 1:
+        if not args.reward:
+            raise UsageError("--best_of needs --reward RUN_DIR: the reward model that picks the best sample.")
+        reward = load_reward_model(args.reward, partitioner, vocabulary)
+        rows = sampling.best_of_n(args.policy, reward, prompts, vocabulary, partitioner, n=args.best_of, **shape)
+    else:
+        responses = sampling.sample(args.policy, prompts, vocabulary, partitioner, num_samples=1, **shape)
+        rows = [{"prompt": p, "response": r[0]} for p, r in zip(prompts, responses)]
+    for row in rows:
+        print(json.dumps(row))
     return 0
 
 
@@ -313,6 +414,44 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--add_tokens", nargs="*", default=[], help="from-hf: special tokens to add (e.g. an end-of-turn token)")
     convert.add_argument("--allow_pickle", action="store_true", help="from-hf: read pytorch_model.bin (torch.load, weights_only=True)")
     convert.set_defaults(run=cmd_convert)
+
+    label = commands.add_parser(
+        "label",
+        help="sample responses from a policy and rank them (rubric, model judge, human labels) into preference JSONL",
+        description="Samples --num_samples responses to each of --num_prompts prompts of --task with the policy "
+        "run, ranks them with the labelers (the first that gives a ranking wins, e.g. human:FILE then "
+        "rubric:MOD:FN) and writes --out (a preference JSONL file that reward training reads).",
+    )
+    label.add_argument("--policy", required=True, help="run or step directory of the policy to sample")
+    label.add_argument("--task", required=True, help="seqio task or mixture whose inputs are the prompts")
+    label.add_argument("--labeler", action="append", required=True, help="rubric:MODULE:FUNCTION, judge:RUN_DIR or human:FILE.jsonl (repeatable)")
+    label.add_argument("--out", required=True, help="preference JSONL to write, e.g. prefs/train.jsonl")
+    label.add_argument("--split", default="train")
+    label.add_argument("--num_prompts", type=int, default=256)
+    label.add_argument("--num_samples", type=int, default=4, help="responses per prompt (K)")
+    label.set_defaults(run=cmd_label)
+    sample = commands.add_parser(
+        "sample",
+        help="sample responses from a policy; --best_of N keeps the reward model's favourite of N",
+        description="Prints one JSON object per prompt: the response (and with --best_of, every candidate and its reward).",
+    )
+    sample.add_argument("--policy", required=True, help="run or step directory of the policy")
+    sample.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); or --task")
+    sample.add_argument("--tokenizer", help="tokenizer directory, with --prompt")
+    sample.add_argument("--task", help="take prompts (and tokenizer) from this seqio task or mixture")
+    sample.add_argument("--split", default="validation")
+    sample.add_argument("--num_prompts", type=int, default=8)
+    sample.add_argument("--best_of", type=int, default=1, help="sample N, keep the highest reward (needs --reward)")
+    sample.add_argument("--reward", help="reward model run directory, for --best_of")
+    sample.set_defaults(run=cmd_sample)
+    for command in (label, sample):
+        command.add_argument("--prompt_len", type=int, default=64, help="prompt tokens kept (the last ones)")
+        command.add_argument("--max_new_tokens", type=int, default=64)
+        command.add_argument("--temperature", type=float, default=1.0)
+        command.add_argument("--top_p", type=float, default=1.0)
+        command.add_argument("--seed", type=int, default=0)
+        command.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=2,fsdp=4 (default: data parallel)")
+        command.add_argument("--module", action="append", default=list(TASK_MODULES), help="task module to import (repeatable)")
 
     tasks = commands.add_parser("tasks", help="list registered tasks and mixtures; preview rendered examples")
     actions = tasks.add_subparsers(dest="action", metavar="ACTION", required=True)

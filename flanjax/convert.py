@@ -19,13 +19,12 @@ import shutil
 import jax
 from flax import nnx
 
-from flanjax.eval.run import INIT_FILE, read_lora_config, read_model_config, resolve_checkpoint, write_model_config
+from flanjax.eval.run import INIT_FILE, resolve_checkpoint, restore, write_model_config
 from flanjax.models import hf
 from flanjax.models.lora import remove_lora
 from flanjax.models.transformer import TransformerConfig
 from flanjax.sharding import MeshConfig, Partitioner
 from flanjax.train.checkpoint import Checkpointer, CheckpointConfig
-from flanjax.train.steps import new_model
 
 HF_CONFIG_FILE = "hf_config.json"  # the Hugging Face config a run descends from
 TOKENIZER_DIR = "tokenizer"
@@ -118,12 +117,11 @@ def _origin(run_dir: str) -> str | None:
 def to_hf(checkpoint: str, out_dir: str, *, mesh: MeshConfig = MeshConfig(data=1, fsdp=-1)) -> str:
     """Writes a run's checkpoint (a run directory's latest, or a step directory) as a Hugging Face
     model directory, LoRA adapters merged in, with the tokenizer of the model it came from."""
-    run_dir, step = resolve_checkpoint(checkpoint)
-    config, lora = read_model_config(run_dir), read_lora_config(run_dir)
+    run_dir, _ = resolve_checkpoint(checkpoint)
     partitioner = Partitioner.from_config(mesh)
-    graphdef, abstract = partitioner.abstract_state(lambda: new_model(config, lora))
+    graphdef, state, _ = restore(checkpoint, partitioner)
     with partitioner.activate():
-        model = nnx.merge(graphdef, Checkpointer(run_dir, read_only=True).restore_model(step, abstract))
+        model = nnx.merge(graphdef, state)
         remove_lora(model)
     origin = _origin(run_dir)
     base = None

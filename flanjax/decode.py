@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flanjax.errors import FlanjaxError
@@ -151,3 +152,37 @@ def score(graphdef: nnx.GraphDef, state: nnx.State, batch: Mapping[str, jax.Arra
     weights = batch["decoder_loss_weights"]
     per_token = token_log_likelihoods(logits, batch["decoder_target_tokens"], weights)
     return Scores(per_token, per_token.sum(axis=-1), (weights > 0).sum(axis=-1))
+
+
+def generate_texts(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    vocabulary,  # a seqio.Vocabulary
+    prompts: list[str],
+    *,
+    config: SamplingConfig,
+    partitioner,  # a flanjax.sharding.Partitioner
+    prompt_len: int,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[str]:
+    """One continuation per prompt, as text (stop tokens dropped). A prompt is laid out as in
+    training (seqio's decoder inputs): a 0 then its last `prompt_len - 1` tokens. Batches are
+    padded to `batch_size`, a multiple of the data shards."""
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [[0, *vocabulary.encode(p)[-(prompt_len - 1) :]] for p in prompts[start : start + batch_size]]
+        tokens = np.zeros((batch_size, prompt_len), np.int32)
+        lengths = np.ones(batch_size, np.int32)
+        for i, ids in enumerate(chunk):
+            tokens[i, : len(ids)], lengths[i] = ids, len(ids)
+        with partitioner.activate():
+            batch = partitioner.shard_batch({"tokens": tokens, "lengths": lengths})
+            gen = generate(graphdef, state, batch["tokens"], batch["lengths"], eos_id=vocabulary.eos_id,
+                           config=config, seed=jax.random.fold_in(jax.random.key(seed), start))  # fmt: skip
+        new, counts = np.asarray(jax.device_get(gen.tokens)), np.asarray(jax.device_get(gen.lengths))
+        stops = {vocabulary.eos_id, *config.stop_tokens}
+        for i in range(len(chunk)):
+            row = [int(t) for t in new[i, : counts[i]] if int(t) not in stops]
+            out.append(vocabulary.decode(row))
+    return out

@@ -121,7 +121,7 @@ class SeqioBatches:
     """An endless (or `num_epochs`) iterator of this process's share of each global batch."""
 
     mixture_or_task_name: str
-    task_feature_lengths: Mapping[str, int]
+    task_feature_lengths: Mapping[str, int] | None  # None: untrimmed (the subclass shapes rows)
     batch_size: int  # rows per process
     split: str = "train"
     seed: int = 0
@@ -144,8 +144,8 @@ class SeqioBatches:
         )
         ds = seqio.get_dataset(
             self.mixture_or_task_name,
-            task_feature_lengths=dict(self.task_feature_lengths),
-            feature_converter=decoder_converter(self.pack),
+            task_feature_lengths=dict(self.task_feature_lengths) if self.task_feature_lengths else None,
+            feature_converter=self.feature_converter(),
             dataset_split=self.split,
             shuffle=self.shuffle,
             num_epochs=self.num_epochs,
@@ -153,9 +153,16 @@ class SeqioBatches:
             seed=self.seed,
             verbose=False,
         )
-        ds = ds.map(_fill_unpacked, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(self.model_features, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(self.batch_size, drop_remainder=True)
         return ds.skip(self.position).prefetch(tf.data.AUTOTUNE)
+
+    # Subclasses for other models (e.g. the reward model's comparisons) override these two.
+    def feature_converter(self) -> seqio.FeatureConverter:
+        return decoder_converter(self.pack)
+
+    def model_features(self, features: dict) -> dict:
+        return _fill_unpacked(features)
 
     def __iter__(self) -> SeqioBatches:
         return self

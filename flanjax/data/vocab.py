@@ -8,6 +8,8 @@ pad or unknown token (T5, LLaMA, the tokenizers flanjax trains).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 
@@ -94,6 +96,12 @@ class HFVocabulary(seqio.Vocabulary):
         out = tf.numpy_function(decode, [ids], tf.string, stateful=False)
         out.set_shape(ids.shape[:-1])
         return out
+
+    def fingerprint(self) -> str:
+        """Identifies the token <-> id mapping (not the path): models that exchange token ids
+        (policy, reference, reward model) must share it."""
+        vocab = sorted(self.tokenizer.get_vocab().items())
+        return hashlib.sha1(json.dumps(vocab).encode()).hexdigest()[:16]
 
     def __eq__(self, other) -> bool:
         return isinstance(other, HFVocabulary) and self.path == other.path

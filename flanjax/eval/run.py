@@ -79,6 +79,14 @@ def resolve_checkpoint(path: str) -> tuple[str, int]:
     return path, step
 
 
+def restore(checkpoint_path: str, partitioner: Partitioner) -> tuple[nnx.GraphDef, nnx.State, TransformerConfig]:
+    """A run's model (LoRA adapters included) at a checkpoint, restored into its shardings."""
+    run_dir, step = resolve_checkpoint(checkpoint_path)
+    config = read_model_config(run_dir)
+    graphdef, abstract = partitioner.abstract_state(lambda: new_model(config, read_lora_config(run_dir)))
+    return graphdef, Checkpointer(run_dir, read_only=True).restore_model(step, abstract), config
+
+
 def evaluate(
     *,
     checkpoint_path: str,

@@ -70,7 +70,8 @@ def _reduce(window: list[Mapping[str, Any]]) -> dict[str, float]:
     weight = sums.get("weight_sum", 0.0)
     if weight:
         out["loss"] = sums["loss_sum"] / weight
-        out["token_accuracy"] = sums["correct_sum"] / weight
+        if "correct_sum" in sums:
+            out["token_accuracy"] = sums["correct_sum"] / weight
     return out
 
 
@@ -89,6 +90,7 @@ class TrainLoop:
         tokens_per_step: int = 0,
         flops_per_step: float = 0.0,
         peak_flops: float = 0.0,
+        console_keys: tuple[str, ...] = ("loss", "token_accuracy", "grad_norm", "tokens_per_s"),
     ):
         self.step_fn = step_fn
         self.batches = batches
@@ -101,6 +103,7 @@ class TrainLoop:
         self.tokens_per_step = tokens_per_step
         self.flops_per_step = flops_per_step
         self.peak_flops = peak_flops
+        self.console_keys = console_keys
 
     # --- start ----------------------------------------------------------------------------
 
@@ -216,7 +219,7 @@ class TrainLoop:
             scalars["learning_rate"] = float(self.learning_rate(step))
         self.metrics.write(step, scalars)
         shown = "  ".join(
-            f"{k}={scalars[k]:.4g}" for k in ("loss", "token_accuracy", "grad_norm", "tokens_per_s") if k in scalars
+            f"{k}={scalars[k]:.4g}" for k in self.console_keys if k in scalars
         )
         progress.update(task, metrics=shown)
         if not console.is_terminal:

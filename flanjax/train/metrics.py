@@ -51,7 +51,8 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_metrics(
-    metrics_path: str, png_path: str, keys: Iterable[str] = ("loss", "validation/loss"), title: str = ""
+    metrics_path: str, png_path: str, keys: Iterable[str] = ("loss", "validation/loss"), title: str = "",
+    log_scale: bool = True,
 ) -> str:
     """Line plot of `keys` against step from a metrics.jsonl; returns the PNG path."""
     import matplotlib
@@ -69,7 +70,8 @@ def plot_metrics(
             sparse = len(xs) < 30  # e.g. evaluations: show the points, dash what joins them
             ax.plot(xs, ys, label=key, marker="o" if sparse else None, linestyle="--" if sparse else "-")
     ax.set_xlabel("step")
-    ax.set_yscale("log")
+    if log_scale:
+        ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend()
     ax.set_title(title or os.path.basename(os.path.dirname(os.path.abspath(metrics_path))))

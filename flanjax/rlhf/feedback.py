@@ -1,0 +1,348 @@
+"""Labelers: sampled responses to a prompt -> a preference `Comparison` (or None).
+
+A labeler is any callable `labeler(prompt, responses, reference) -> Comparison | None`;
+`reference` is the task's target text when known, "" otherwise, and None means "no usable
+preference" (fewer than two distinct responses, or all tied). Four kinds:
+
+    RubricLabeler(fn)    fn(prompt, response, reference) -> float scores each response
+                         (e.g. exact match against the reference); `load_rubric("pkg.mod:fn")`
+    JudgeLabeler(...)    a flanjax model judges every pair under a judging prompt by how
+                         likely it answers " A" rather than " B", both orders averaged
+                         (AI feedback: RLAIF, BatGPT)
+    HumanLabels(path)    the human comparison stored for the prompt in a preferences JSONL
+    MixedLabeler([...])  the first labeler with an answer wins (human where present, AI else)
+
+`label_all` runs a labeler over many prompts; `write_comparisons` saves what it returns.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib
+import math
+import string
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+import jax
+import numpy as np
+from flax import nnx
+
+from flanjax.data.preferences import Comparison, comparison, read_comparisons
+from flanjax.decode import score
+from flanjax.errors import FlanjaxError
+
+
+class LabelError(FlanjaxError, ValueError):
+    pass
+
+
+class RubricNotFoundError(FlanjaxError, ImportError):
+    pass
+
+
+class JudgeInputTooLongError(FlanjaxError, ValueError):
+    pass
+
+
+class Labeler(Protocol):
+    def __call__(self, prompt: str, responses: Sequence[str], reference: str) -> Comparison | None: ...
+
+
+def unique(responses: Iterable[str]) -> list[str]:
+    """The responses without exact duplicates, first occurrences kept in order."""
+    return list(dict.fromkeys(responses))
+
+
+def scores_to_comparison(
+    prompt: str, responses: Sequence[str], scores: Sequence[float], *, source: str, min_gap: float = 0.0
+) -> Comparison | None:
+    """Ranks `responses` by `scores` (higher is better) into a comparison, best first.
+
+    Exact duplicates count once (the first one's score). Ranks are dense: walking down the
+    sorted scores, a score more than `min_gap` below the one just above it starts a new rank,
+    so equal scores (and, with `min_gap` > 0, near-equal ones) tie. None when fewer than two
+    distinct responses remain or every one ties."""
+    if len(responses) != len(scores):
+        raise LabelError(f"{len(scores)} scores for {len(responses)} responses; give one score per response.")
+    best: dict[str, float] = {}
+    for response, value in zip(responses, scores):
+        value = float(value)
+        if math.isnan(value):
+            raise LabelError(f"score of response {response!r} to {prompt!r} is NaN; the scorer must return a number.")
+        best.setdefault(response, value)  # duplicates: the first one counts
+    if len(best) < 2:
+        return None
+    kept = list(best)
+    order = sorted(range(len(kept)), key=lambda i: -best[kept[i]])
+    ranks = [0] * len(kept)
+    for previous, i in zip(order, order[1:]):
+        gap = best[kept[previous]] - best[kept[i]]
+        ranks[i] = ranks[previous] + (gap > min_gap)
+    if max(ranks) == 0:
+        return None
+    return comparison(prompt, kept, ranks, source=source)
+
+
+# --- rubrics ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RubricLabeler:
+    """Scores each response with `fn(prompt, response, reference) -> float` (higher is better)."""
+
+    fn: Callable[[str, str, str], float]
+    name: str = "rubric"
+
+    def __call__(self, prompt: str, responses: Sequence[str], reference: str = "") -> Comparison | None:
+        responses = unique(responses)  # each distinct response is scored once
+        scores = []
+        for response in responses:
+            value = self.fn(prompt, response, reference)
+            try:
+                scores.append(float(value))
+            except (TypeError, ValueError):
+                raise LabelError(
+                    f"rubric {self.name!r} returned {value!r} for response {response!r}; a rubric "
+                    "must return a number (higher is better)."
+                ) from None
+        return scores_to_comparison(prompt, responses, scores, source=self.name)
+
+
+def load_rubric(name: str) -> Callable[[str, str, str], float]:
+    """The function `name` = "package.module:function" (the function may be "Class.attr")."""
+    module_name, sep, attr = name.partition(":")
+    if not sep or not module_name or not attr:
+        raise RubricNotFoundError(
+            f"rubric {name!r} is not of the form 'package.module:function'; name the module, a "
+            "colon, then the function, e.g. 'my_rubrics:exact_match'."
+        )
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RubricNotFoundError(
+            f"rubric {name!r}: cannot import module {module_name!r} ({e}). Check the spelling, and "
+            "that its directory is on PYTHONPATH."
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RubricNotFoundError(
+                f"rubric {name!r}: {obj.__name__ if hasattr(obj, '__name__') else obj!r} has no attribute "
+                f"{part!r}. Check the function's name after the colon."
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise RubricNotFoundError(f"rubric {name!r} is a {type(obj).__name__}, not a function (prompt, response, reference) -> float.")
+    return obj
+
+
+# --- an AI judge ------------------------------------------------------------------------------
+
+DEFAULT_TEMPLATE = (
+    "Question: {prompt}\nAnswer A: {a}\nAnswer B: {b}\nWhich answer is better, A or B? The better answer is"
+)
+
+
+def _check_template(template: str) -> None:
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise LabelError(f"judging template {template!r} is not a valid format string ({e}); write braces as {{{{ }}}}.") from None
+    missing, unknown = {"prompt", "a", "b"} - fields, fields - {"prompt", "a", "b", "reference"}
+    if missing or unknown:
+        raise LabelError(
+            f"judging template {template!r}: it must use the fields {{prompt}}, {{a}} and {{b}} (and "
+            f"may use {{reference}}); missing {sorted(missing)}, unknown {sorted(unknown)}."
+        )
+
+
+class JudgeLabeler:
+    """A flanjax model judges responses pairwise: P(i beats j) is the mean over both orders
+    (i as A, then as B: this cancels position bias) of sigmoid(log p(i's letter) - log p(the
+    other letter)) after the judging prompt. A response's score is its summed win
+    probability; `scores_to_comparison` turns those into ranks.
+
+    Every pair costs four scored rows (two orders x two letters), in fixed-shape batches of
+    `batch_size` rows (rounded up to a multiple of the data-parallel shards) whose width is
+    rounded up to a multiple of `width_multiple`, so few shapes are compiled."""
+
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        state: nnx.State,
+        vocabulary,  # a seqio.Vocabulary (HFVocabulary)
+        partitioner,  # a flanjax.sharding.Partitioner
+        *,
+        template: str = DEFAULT_TEMPLATE,
+        letters: tuple[str, str] = (" A", " B"),
+        batch_size: int = 64,
+        width_multiple: int = 64,
+        name: str = "judge",
+        min_gap: float = 0.0,
+    ):
+        _check_template(template)
+        self.graphdef, self.state, self.vocabulary, self.partitioner = graphdef, state, vocabulary, partitioner
+        self.template, self.name, self.min_gap, self.width_multiple = template, name, min_gap, width_multiple
+        config = nnx.merge(graphdef, state).config
+        self.max_len = config.max_len
+        if vocabulary.vocab_size > config.vocab_size:
+            raise LabelError(
+                f"the judge's vocabulary has {vocabulary.vocab_size} tokens but the model only "
+                f"{config.vocab_size}; give the vocabulary the judge model was trained with."
+            )
+        self.letter_ids = [list(vocabulary.encode(letter)) for letter in letters]
+        if not all(self.letter_ids) or self.letter_ids[0] == self.letter_ids[1]:
+            raise LabelError(f"answer letters {letters!r} must encode to distinct, non-empty token sequences.")
+        shards = partitioner.data_parallel_size
+        self.batch_size = -(-batch_size // shards) * shards  # every shard gets whole rows
+
+    @classmethod
+    def from_run(cls, checkpoint_path: str, vocabulary, partitioner, **kwargs) -> JudgeLabeler:
+        """The judge of a trained run (a run directory, or RUN/checkpoints/STEP)."""
+        from flanjax.eval.run import restore  # late: keeps importing this module light
+
+        graphdef, state, _ = restore(checkpoint_path, partitioner)
+        return cls(graphdef, state, vocabulary, partitioner, **kwargs)
+
+    def __call__(self, prompt: str, responses: Sequence[str], reference: str = "") -> Comparison | None:
+        responses = unique(responses)
+        if len(responses) < 2:
+            return None
+        wins = self.pairwise_probabilities(prompt, responses, reference)
+        scores = wins.sum(axis=1) - 0.5  # the diagonal (0.5) is no win
+        return scores_to_comparison(prompt, responses, scores, source=self.name, min_gap=self.min_gap)
+
+    def pairwise_probabilities(self, prompt: str, responses: Sequence[str], reference: str = "") -> np.ndarray:
+        """[n, n]: entry (i, j) is P(response i beats response j); P + P.T = 1 off the diagonal."""
+        n = len(responses)
+        pairs = [(i, j) for i in range(n) for j in range(n) if i != j]  # (A, B): both orders of each pair
+        contexts = [
+            self.vocabulary.encode(self.template.format(prompt=prompt, a=responses[i], b=responses[j], reference=reference))
+            for i, j in pairs
+        ]
+        logp = self._log_likelihoods([(ctx, letter) for ctx in contexts for letter in self.letter_ids]).reshape(-1, 2)
+        a_over_b = {pair: lp[0] - lp[1] for pair, lp in zip(pairs, logp)}
+        probs = np.full((n, n), 0.5)
+        for i, j in pairs:
+            # i is A in (i, j) and B in (j, i); average its win probability over both.
+            probs[i, j] = 0.5 * (_sigmoid(a_over_b[i, j]) + _sigmoid(-a_over_b[j, i]))
+        return probs
+
+    def _log_likelihoods(self, rows: list[tuple[list[int], list[int]]]) -> np.ndarray:
+        """log p(target | context) of each (context, target) row, through `decode.score`."""
+        longest = max(len(c) + len(t) for c, t in rows)
+        if longest > self.max_len:
+            raise JudgeInputTooLongError(
+                f"a judging prompt plus answer letter is {longest} tokens, more than the judge's "
+                f"max_len={self.max_len}. Shorten the responses (fewer new tokens when sampling) or "
+                "the judging template, or use a judge model with a longer max_len."
+            )
+        width = min(self.max_len, -(-longest // self.width_multiple) * self.width_multiple)
+        out = []
+        for start in range(0, len(rows), self.batch_size):
+            batch = _decoder_features(rows[start : start + self.batch_size], self.batch_size, width)
+            with self.partitioner.activate():
+                scores = score(self.graphdef, self.state, self._local(batch))
+            out.append(_gather(scores.log_likelihood)[: len(rows) - start])
+        return np.concatenate(out).astype(np.float64)
+
+    def _local(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        # Every process builds the whole batch; each hands the mesh its own slice of rows.
+        share = self.batch_size // jax.process_count()
+        start = jax.process_index() * share
+        return self.partitioner.shard_batch({k: v[start : start + share] for k, v in batch.items()})
+
+
+def _decoder_features(rows: list[tuple[list[int], list[int]]], size: int, width: int) -> dict[str, np.ndarray]:
+    """Unpacked decoder features (see data.pipeline) scoring each row's target after its
+    context; rows beyond len(rows) are padding (segment 0, nothing scored)."""
+    targets = np.zeros((size, width), np.int32)
+    weights = np.zeros((size, width), np.float32)
+    segments = np.zeros((size, width), np.int32)
+    for r, (context, target) in enumerate(rows):
+        tokens = list(context) + list(target)
+        targets[r, : len(tokens)] = tokens
+        weights[r, len(context) : len(tokens)] = 1.0
+        segments[r, : len(tokens)] = 1
+    inputs = np.zeros_like(targets)
+    inputs[:, 1:] = targets[:, :-1]  # shifted right: 0 starts the segment
+    positions = np.broadcast_to(np.arange(width, dtype=np.int32), (size, width)).copy()
+    return {"decoder_input_tokens": inputs, "decoder_target_tokens": targets, "decoder_loss_weights": weights,
+            "decoder_segment_ids": segments, "decoder_positions": positions}  # fmt: skip
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _sigmoid(x: float) -> float:
+    return 0.5 * (1.0 + math.tanh(0.5 * x))  # no overflow for large |x|
+
+
+# --- human labels and mixing -----------------------------------------------------------------
+
+
+class HumanLabels:
+    """The human comparisons of a preferences JSONL, looked up by prompt.
+
+    Labels a prompt with its stored comparison (whatever responses were sampled; source as
+    in the file, "human" where it names none), or None when no one labelled it. Where a
+    prompt was labelled more than once, the first comparison in the file is used."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.by_prompt: dict[str, Comparison] = {}
+        for c in read_comparisons(path):
+            self.by_prompt.setdefault(c.prompt, dataclasses.replace(c, source=c.source or "human"))
+
+    def __len__(self) -> int:
+        return len(self.by_prompt)
+
+    def __call__(self, prompt: str, responses: Sequence[str] = (), reference: str = "") -> Comparison | None:
+        del responses, reference  # the human judged their own set of responses
+        return self.by_prompt.get(prompt)
+
+
+class MixedLabeler:
+    """Asks each labeler in turn; the first comparison wins and keeps its own `source`."""
+
+    def __init__(self, labelers: Sequence[Labeler]):
+        self.labelers = list(labelers)
+        if not self.labelers:
+            raise LabelError("MixedLabeler needs at least one labeler, e.g. [HumanLabels(path), RubricLabeler(fn)].")
+
+    def __call__(self, prompt: str, responses: Sequence[str], reference: str = "") -> Comparison | None:
+        for labeler in self.labelers:
+            result = labeler(prompt, responses, reference)
+            if result is not None:
+                return result
+        return None
+
+
+def label_all(
+    labeler: Labeler,
+    prompts: Sequence[str],
+    responses_per_prompt: Sequence[Sequence[str]],
+    references: Sequence[str] | None = None,
+) -> tuple[list[Comparison], dict[str, int], int]:
+    """(comparisons, how many came from each source, how many prompts got none)."""
+    references = [""] * len(prompts) if references is None else references
+    if not len(prompts) == len(responses_per_prompt) == len(references):
+        raise LabelError(
+            f"{len(prompts)} prompts, {len(responses_per_prompt)} response lists and "
+            f"{len(references)} references; give one of each per prompt (references may be None)."
+        )
+    comparisons, counts, skipped = [], collections.Counter(), 0
+    for prompt, responses, reference in zip(prompts, responses_per_prompt, references):
+        result = labeler(prompt, list(responses), reference or "")
+        if result is None:
+            skipped += 1
+            continue
+        comparisons.append(result)
+        counts[result.source] += 1
+    return comparisons, dict(counts), skipped

@@ -1,0 +1,468 @@
+"""PPO with a KL penalty and pre-training mixing (InstructGPT's third step), on one mesh.
+
+Four models share the mesh and its rules: the policy (from an SFT run, optionally with LoRA
+adapters) and the value model (from the reward model) are trained; the reference policy (the
+SFT weights) and the reward model are frozen. Each iteration of the one training loop:
+
+    rollout     sample a response to every prompt of the batch with the policy (the decoder)
+    scoring     log-probabilities under policy and reference, values, the reward model's
+                normalised score at the last token; per-token reward -beta * KL plus the
+                clipped score (and a penalty if no stop token came) at the last token; GAE
+    training    `epochs` passes over `num_minibatches` shuffled minibatches: clipped ratio
+                loss - entropy bonus (+ gamma * LM loss on a pre-training batch: PPO-ptx) for
+                the policy, clipped value loss for the value model; then the KL controller
+                and the policy's EMA update
+
+The trained state is (policy, its optimizer, value model, its optimizer, the KL controller,
+[the policy's EMA]); the policy comes first, so `flanjax eval`, `flanjax sample` and `flanjax
+convert to-hf` read a PPO run like an SFT run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import seqio
+import tensorflow as tf
+from flax import nnx
+
+from flanjax.data.pipeline import SeqioBatches, check_vocabulary, get_task_or_mixture
+from flanjax.decode import SamplingConfig, check_length, generate
+from flanjax.errors import FlanjaxError
+from flanjax.eval.run import INIT_FILE, read_model_config, resolve_checkpoint, write_model_config
+from flanjax.models.heads import ScoreModel
+from flanjax.models.lora import LoraConfig
+from flanjax.models.transformer import Transformer, TransformerConfig
+from flanjax.rlhf.advantages import gae, masked_mean, whiten
+from flanjax.rlhf.kl import KLConfig, kl_penalty, update_beta
+from flanjax.rlhf.reward import load_reward_model, sequence_scores
+from flanjax.sharding import MeshConfig, Partitioner, shardings_of
+from flanjax.train.checkpoint import CheckpointConfig, Checkpointer
+from flanjax.train.loop import LoopConfig, LoopResult, TrainLoop
+from flanjax.train.metrics import MetricsLog, console, plot_metrics
+from flanjax.train.optim import OptimizerConfig, make_optimizer, make_schedule
+from flanjax.train.steps import lm_stats, new_model
+
+
+class PPOConfigError(FlanjaxError, ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    epochs: int = 4  # passes over each rollout batch
+    num_minibatches: int = 4
+    clip_ratio: float = 0.2
+    clip_value: float = 0.2
+    value_coef: float = 0.5
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    reward_clip: float = 5.0  # |normalised score| at most this
+    no_stop_penalty: float = -1.0  # added to the score of a response that never emits a stop token
+    ptx_coef: float = 0.0  # gamma of PPO-ptx; InstructGPT 27.8 (with its per-token LM loss)
+    ema_decay: float | None = None  # e.g. 0.992 (DeepSpeed-Chat); None: no EMA
+
+
+@dataclasses.dataclass(frozen=True)
+class PtxConfig:
+    """The pre-training (or instruction) mixture whose LM loss PPO-ptx mixes in."""
+
+    mixture_or_task_name: str
+    task_feature_lengths: Mapping[str, int]
+    batch_size: int  # rows per PPO iteration, split over the minibatches
+
+
+# The score of each full row (prompt + response, `lengths` tokens): (params, tokens, lengths) -> [b].
+RewardFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+class KLController(nnx.Module):
+    """The KL coefficient and the iteration count, checkpointed with the models."""
+
+    def __init__(self, beta: float):
+        self.beta = nnx.Variable(jnp.asarray(beta, jnp.float32))
+        self.iteration = nnx.Variable(jnp.asarray(0, jnp.int32))
+
+
+# --- batches --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class PromptBatches(SeqioBatches):
+    """Prompts of a seqio task's `inputs`: `prompts` [b, P] (0 then the last P - 1 tokens,
+    right-padded) and `prompt_lengths` [b]. Pass `task_feature_lengths=None`."""
+
+    prompt_len: int = 64
+
+    def feature_converter(self) -> seqio.FeatureConverter:
+        return seqio.PassThroughFeatureConverter()
+
+    def model_features(self, features: dict) -> dict:
+        prompt = tf.concat([[0], features["inputs"][-(self.prompt_len - 1) :]], axis=0)  # seqio's decoder layout
+        n = tf.shape(prompt)[0]
+        return {"prompts": tf.pad(prompt, [[0, self.prompt_len - n]]), "prompt_lengths": n}
+
+
+class RLHFBatches:
+    """Prompts plus, for PPO-ptx, a batch of the pre-training mixture (keys prefixed `ptx_`)."""
+
+    def __init__(self, prompts: PromptBatches, ptx: SeqioBatches | None):
+        self.prompts, self.ptx = prompts, ptx
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self.prompts)
+        if self.ptx is not None:
+            batch.update({f"ptx_{k}": v for k, v in next(self.ptx).items()})
+        return batch
+
+    def get_state(self) -> dict:
+        return {"prompts": self.prompts.get_state(), **({"ptx": self.ptx.get_state()} if self.ptx else {})}
+
+    def set_state(self, state: Mapping) -> None:
+        self.prompts.set_state(state.get("prompts", {}))
+        if self.ptx is not None:
+            self.ptx.set_state(state.get("ptx", {}))
+
+    def close(self) -> None:
+        self.prompts.close()
+        if self.ptx is not None:
+            self.ptx.close()
+
+
+# --- the maths of one rollout batch ---------------------------------------------------------
+
+
+def concat_responses(prompts: jax.Array, prompt_lengths: jax.Array, responses: jax.Array) -> jax.Array:
+    """[b, P + N] rows: each prompt's tokens then its response, 0 after."""
+    b, p = prompts.shape
+    n = responses.shape[1]
+    cols = jnp.arange(p + n)[None, :]
+    from_prompt = jnp.take_along_axis(jnp.pad(prompts, ((0, 0), (0, n))), cols.repeat(b, 0), axis=1)
+    offset = cols - prompt_lengths[:, None]
+    from_response = jnp.take_along_axis(responses, jnp.clip(offset, 0, n - 1), axis=1)
+    return jnp.where(offset < 0, from_prompt, jnp.where(offset < n, from_response, 0))
+
+
+def _sequence_inputs(tokens: jax.Array, total_lengths: jax.Array):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return positions, (positions < total_lengths[:, None]).astype(jnp.int32)
+
+
+def response_logprobs(model: Transformer, tokens, prompt_lengths, response_lengths, num_new: int):
+    """log pi(token) and the policy's entropy at every response token: [b, N] each."""
+    positions, segments = _sequence_inputs(tokens, prompt_lengths + response_lengths)
+    hidden, _ = model(tokens, positions, segments, return_hidden=True)
+    at = prompt_lengths[:, None] - 1 + jnp.arange(num_new)[None, :]  # the position predicting token j
+    logits = model.logits(jnp.take_along_axis(hidden, at[..., None], axis=1)).astype(jnp.float32)
+    targets = jnp.take_along_axis(tokens, at + 1, axis=1)
+    log_probs = jax.nn.log_softmax(logits)
+    chosen = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+    return chosen, entropy
+
+
+def response_values(model: ScoreModel, tokens, prompt_lengths, response_lengths, num_new: int):
+    """The value of the state before each response token: [b, N]."""
+    positions, segments = _sequence_inputs(tokens, prompt_lengths + response_lengths)
+    at = prompt_lengths[:, None] - 1 + jnp.arange(num_new)[None, :]
+    return jnp.take_along_axis(model(tokens, positions, segments), at, axis=1)
+
+
+def episode_rewards(kl: jax.Array, score: jax.Array, mask: jax.Array, beta: jax.Array) -> jax.Array:
+    """Per-token rewards: -beta * KL everywhere, plus the score at each row's last token."""
+    last = jnp.arange(mask.shape[1])[None, :] == (mask.sum(axis=1, keepdims=True) - 1)
+    return (-beta * kl + jnp.where(last, score[:, None], 0.0)) * mask
+
+
+def ppo_losses(logp, old_logp, advantages, values, old_values, returns, entropy, mask, config: PPOConfig) -> dict:
+    """Token-level means over `mask` of the clipped PPO objectives."""
+    ratio = jnp.exp(logp - old_logp)
+    clipped = jnp.clip(ratio, 1 - config.clip_ratio, 1 + config.clip_ratio)
+    policy = masked_mean(jnp.maximum(-advantages * ratio, -advantages * clipped), mask)
+    values_clipped = old_values + jnp.clip(values - old_values, -config.clip_value, config.clip_value)
+    value = 0.5 * masked_mean(jnp.maximum(jnp.square(values - returns), jnp.square(values_clipped - returns)), mask)
+    return {
+        "policy_loss": policy,
+        "value_loss": value,
+        "entropy": masked_mean(entropy, mask),
+        "clip_fraction": masked_mean((jnp.abs(ratio - 1) > config.clip_ratio).astype(jnp.float32), mask),
+        "approx_kl": masked_mean((ratio - 1) - (logp - old_logp), mask),
+    }
+
+
+# --- the phases, jitted ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Graphs:
+    """Static structure of the four models and of the trained state."""
+
+    state: nnx.GraphDef  # (policy, optimizer, value, optimizer, controller[, ema])
+    policy: nnx.GraphDef
+    reference: nnx.GraphDef
+
+
+def make_scoring(graphs: Graphs, config: PPOConfig, kl: KLConfig, stop_tokens: tuple[int, ...], reward_fn: RewardFn):
+    def scoring(state, reference, reward_params, batch, generation):
+        policy, _, value, _, controller, *_ = nnx.merge(graphs.state, state)
+        ref = nnx.merge(graphs.reference, reference)
+        prompts, prompt_lengths = batch["prompts"], batch["prompt_lengths"]
+        lengths, n = generation.lengths, generation.tokens.shape[1]
+        tokens = concat_responses(prompts, prompt_lengths, generation.tokens)
+        mask = (jnp.arange(n)[None, :] < lengths[:, None]).astype(jnp.float32)
+        logp, entropy = response_logprobs(policy, tokens, prompt_lengths, lengths, n)
+        ref_logp, _ = response_logprobs(ref, tokens, prompt_lengths, lengths, n)
+        values = response_values(value, tokens, prompt_lengths, lengths, n) * mask
+        score = reward_fn(reward_params, tokens, prompt_lengths + lengths)
+        last_token = jnp.take_along_axis(generation.tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
+        stopped = jnp.isin(last_token, jnp.asarray(stop_tokens))
+        penalised = jnp.clip(score + jnp.where(stopped, 0.0, config.no_stop_penalty), -config.reward_clip, config.reward_clip)
+        per_token_kl = kl_penalty(logp, ref_logp, kl.estimator) * mask
+        rewards = episode_rewards(per_token_kl, penalised, mask, controller.beta[...])
+        advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
+        if config.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        sequence_kl = ((logp - ref_logp) * mask).sum(axis=1)  # k1 summed: the KL the controller tracks
+        rollout = dict(tokens=tokens, prompt_lengths=prompt_lengths, lengths=lengths, mask=mask, logp=logp,
+                       values=values, advantages=advantages, returns=returns)  # fmt: skip
+        metrics = {
+            "reward/score_mean": score.mean(),
+            "reward/score_std": score.std(),
+            "reward/total_mean": rewards.sum(axis=1).mean(),
+            "kl": sequence_kl.mean(),
+            "kl_penalty_per_token": masked_mean(per_token_kl, mask),
+            "entropy_rollout": masked_mean(entropy, mask),
+            "response_length": lengths.astype(jnp.float32).mean(),
+            "no_stop_fraction": 1.0 - stopped.astype(jnp.float32).mean(),
+            "explained_variance": 1.0 - _masked_var(returns - values, mask) / jnp.maximum(_masked_var(returns, mask), 1e-8),
+        }
+        return rollout, metrics
+
+    return scoring
+
+
+def _masked_var(x, mask):
+    mean = masked_mean(x, mask)
+    return masked_mean(jnp.square(x - mean), mask)
+
+
+def make_update(graphs: Graphs, config: PPOConfig, kl: KLConfig, seed: int):
+    def update(state, rollout, ptx, observed_kl):
+        policy, policy_opt, value, value_opt, controller, *ema = nnx.merge(graphs.state, state)
+        trained_def, trained = nnx.split((policy, policy_opt, value, value_opt))
+        b, n = rollout["mask"].shape
+        m = config.num_minibatches
+        key = jax.random.fold_in(jax.random.key(seed + 1), controller.iteration[...])
+
+        def losses(pol, val, mb, ptx_mb):
+            logp, entropy = response_logprobs(pol, mb["tokens"], mb["prompt_lengths"], mb["lengths"], n)
+            values = response_values(val, mb["tokens"], mb["prompt_lengths"], mb["lengths"], n)
+            out = ppo_losses(logp, mb["logp"], mb["advantages"], values, mb["values"], mb["returns"], entropy, mb["mask"], config)
+            out["ptx_loss"] = jnp.zeros(())
+            if ptx_mb is not None:
+                stats = lm_stats(pol, ptx_mb, None)
+                out["ptx_loss"] = stats.loss / jnp.maximum(stats.weight, 1.0)
+            total = out["policy_loss"] - config.entropy_coef * out["entropy"] + config.ptx_coef * out["ptx_loss"]
+            return total + config.value_coef * out["value_loss"], out
+
+        def one_minibatch(trained, xs):
+            pol, pol_opt, val, val_opt = nnx.merge(trained_def, trained)
+            mb, ptx_mb = xs
+            p_def, p_params, p_rest = nnx.split(pol, pol_opt.wrt, ...)
+            v_def, v_params, v_rest = nnx.split(val, val_opt.wrt, ...)
+
+            def loss_fn(p_params, v_params):
+                return losses(nnx.merge(p_def, p_params, p_rest), nnx.merge(v_def, v_params, v_rest), mb, ptx_mb)
+
+            (grads_p, grads_v), out = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(p_params, v_params)
+            pol_opt.update(pol, grads_p)
+            val_opt.update(val, grads_v)
+            out["grad_norm"] = optax.global_norm(grads_p)
+            return nnx.state((pol, pol_opt, val, val_opt)), out
+
+        def one_epoch(trained, epoch_key):
+            order = jax.random.permutation(epoch_key, b).reshape(m, b // m)
+            mbs = jax.tree.map(lambda x: x[order], rollout)
+            ptx_mbs = None if ptx is None else jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), ptx)
+            return jax.lax.scan(one_minibatch, trained, (mbs, ptx_mbs))
+
+        trained, outs = jax.lax.scan(one_epoch, trained, jax.random.split(key, config.epochs))
+        policy, policy_opt, value, value_opt = nnx.merge(trained_def, trained)
+        controller.beta[...] = update_beta(controller.beta[...], observed_kl, b, kl)
+        controller.iteration[...] += 1
+        if ema:
+            d = config.ema_decay
+            nnx.update(ema[0], jax.tree.map(lambda e, p: d * e + (1 - d) * p, nnx.state(ema[0], policy_opt.wrt), nnx.state(policy, policy_opt.wrt)))
+        metrics = {k: v.mean() for k, v in outs.items()}
+        return nnx.state((policy, policy_opt, value, value_opt, controller, *ema)), metrics
+
+    return update
+
+
+def make_ppo_step(graphs: Graphs, abstract_state, *, reference, reward_fn: RewardFn, reward_params,
+                  sampling: SamplingConfig, eos_id: int, config: PPOConfig, kl: KLConfig, seed: int = 0):  # fmt: skip
+    """The loop's step: (state, batch) -> (state, metrics), three jitted phases timed apart."""
+    shardings = shardings_of(abstract_state)
+    stops = (eos_id, *sampling.stop_tokens)
+    scoring = jax.jit(make_scoring(graphs, config, kl, stops, reward_fn))
+    update = jax.jit(make_update(graphs, config, kl, seed), in_shardings=(shardings, None, None, None),
+                     out_shardings=(shardings, None), donate_argnums=0)  # fmt: skip
+
+    def step(state, batch):
+        t0 = time.perf_counter()
+        iteration = int(jax.device_get(state[4]["iteration"][...]))
+        generation = generate(graphs.policy, state[0], batch["prompts"], batch["prompt_lengths"],
+                              eos_id=eos_id, config=sampling, seed=jax.random.fold_in(jax.random.key(seed), iteration))  # fmt: skip
+        jax.block_until_ready(generation)
+        t1 = time.perf_counter()
+        rollout, metrics = scoring(state, reference, reward_params, batch, generation)
+        jax.block_until_ready(rollout)
+        t2 = time.perf_counter()
+        ptx = {k.removeprefix("ptx_"): v for k, v in batch.items() if k.startswith("ptx_")} or None
+        state, train_metrics = update(state, rollout, ptx, metrics["kl"])
+        jax.block_until_ready(state)
+        t3 = time.perf_counter()
+        new_tokens = float(jax.device_get(generation.lengths.sum()))
+        return state, {
+            **metrics,
+            **train_metrics,
+            "beta": state[4]["beta"][...],
+            "loss_sum": train_metrics["policy_loss"],
+            "weight_sum": jnp.ones(()),
+            "time/rollout_s": t1 - t0,
+            "time/scoring_s": t2 - t1,
+            "time/training_s": t3 - t2,
+            "rollout_tokens_per_s": new_tokens / max(t1 - t0, 1e-9),
+        }
+
+    return step
+
+
+def ppo_init(policy: TransformerConfig, value: TransformerConfig, tx: optax.GradientTransformation,
+             value_tx: optax.GradientTransformation, *, lora: LoraConfig | None = None, init_beta: float = 0.02,
+             ema: bool = False, seed: int = 0):  # fmt: skip
+    """The function building the trained state from the SFT policy's and the reward model's
+    states (`lm`, `rm`; None: random): pass it to `Partitioner.create`."""
+    wrt = nnx.Param if lora is None else nnx.LoRAParam
+
+    def init(lm=None, rm=None):
+        policy_model = new_model(policy, lora, seed, lm)
+        value_model = ScoreModel(value, rngs=nnx.Rngs(params=seed + 1))
+        if rm is not None:
+            nnx.update(value_model, rm)
+        parts = [policy_model, nnx.Optimizer(policy_model, tx, wrt=wrt), value_model,
+                 nnx.Optimizer(value_model, value_tx, wrt=nnx.Param), KLController(init_beta)]  # fmt: skip
+        if ema:
+            parts.append(new_model(policy, lora, seed, lm))
+        return tuple(parts)
+
+    return init
+
+
+# --- `flanjax train` with configs/runs/ppo.gin -----------------------------------------------
+
+
+def train_ppo(
+    *,
+    model_dir: str,
+    policy_checkpoint: str,
+    reward_checkpoint: str,
+    mixture_or_task_name: str,
+    batch_size: int,
+    loop: LoopConfig,
+    prompt_len: int = 64,
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=64, temperature=1.0),
+    ppo: PPOConfig = PPOConfig(),
+    kl: KLConfig = KLConfig(),
+    ptx: PtxConfig | None = None,
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5, schedule="constant"),
+    value_optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5, schedule="constant"),
+    lora: LoraConfig | None = None,
+    mesh: MeshConfig = MeshConfig(),
+    checkpoint: CheckpointConfig = CheckpointConfig(),
+    seed: int = 0,
+) -> LoopResult:
+    """PPO of the SFT policy `policy_checkpoint` against reward model `reward_checkpoint` on the
+    prompts (`inputs`) of `mixture_or_task_name`; `loop.num_steps` iterations of `batch_size` prompts."""
+    if batch_size % ppo.num_minibatches:
+        raise PPOConfigError(f"batch_size {batch_size} does not split into {ppo.num_minibatches} minibatches; pick a multiple.")
+    partitioner = Partitioner.from_config(mesh)
+    if (batch_size // ppo.num_minibatches) % partitioner.data_parallel_size:
+        raise PPOConfigError(
+            f"minibatches of {batch_size // ppo.num_minibatches} prompts do not split over the "
+            f"{partitioner.data_parallel_size} data-parallel shards; raise batch_size or lower num_minibatches."
+        )
+    per_process = partitioner.per_process_batch_size(batch_size)
+    task = get_task_or_mixture(mixture_or_task_name)
+    vocabulary = task.output_features["inputs"].vocabulary
+    policy_dir, policy_step = resolve_checkpoint(policy_checkpoint)
+    config = read_model_config(policy_dir)
+    check_vocabulary(mixture_or_task_name, config.vocab_size)
+    check_length(config, prompt_len, sampling.max_new_tokens)
+    reward = load_reward_model(reward_checkpoint, partitioner, vocabulary)  # refuses another tokenizer
+    check_length(reward.config, prompt_len, sampling.max_new_tokens)
+
+    prompts = PromptBatches(mixture_or_task_name, None, per_process, seed=seed, prompt_len=prompt_len)
+    ptx_batches = None
+    if ptx is not None:
+        ptx_batches = SeqioBatches(ptx.mixture_or_task_name, ptx.task_feature_lengths,
+                                   partitioner.per_process_batch_size(ptx.batch_size), seed=seed)  # fmt: skip
+    batches = RLHFBatches(prompts, ptx_batches)
+    if jax.process_index() == 0:
+        write_model_config(model_dir, config, lora)
+        with open(os.path.join(model_dir, INIT_FILE), "w") as f:
+            f.write(policy_dir)
+
+    updates = loop.num_steps * ppo.epochs * ppo.num_minibatches
+    init = ppo_init(config, reward.config, make_optimizer(optimizer, updates), make_optimizer(value_optimizer, updates),
+                    lora=lora, init_beta=kl.init_beta, ema=ppo.ema_decay is not None, seed=seed)  # fmt: skip
+    state_def, abstract = partitioner.abstract_state(init)
+    plain_def, plain = partitioner.abstract_state(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    reference = Checkpointer(policy_dir, read_only=True).restore_model(policy_step, plain)
+    graphs = Graphs(state_def, nnx.split(nnx.eval_shape(lambda: new_model(config, lora)))[0], plain_def)
+
+    def reward_fn(params, tokens, lengths):
+        state, shift, scale = params
+        return (sequence_scores(nnx.merge(reward.graphdef, state), tokens, lengths) - shift) / scale
+
+    step_fn = make_ppo_step(graphs, abstract, reference=reference, reward_fn=reward_fn,
+                            reward_params=(reward.state, jnp.float32(reward.shift), jnp.float32(reward.scale)),
+                            sampling=sampling, eos_id=vocabulary.eos_id, config=ppo, kl=kl, seed=seed)  # fmt: skip
+
+    metrics = MetricsLog(model_dir)
+    checkpointer = Checkpointer(model_dir, checkpoint)
+    trainer = TrainLoop(
+        step_fn=step_fn, batches=batches, partitioner=partitioner, checkpointer=checkpointer, metrics=metrics,
+        config=loop, learning_rate=make_schedule(optimizer, updates),
+        console_keys=("reward/score_mean", "kl", "beta", "entropy", "clip_fraction", "response_length"),
+    )  # fmt: skip
+    console.print(
+        f"PPO of {policy_dir} step {policy_step} against {reward_checkpoint} on {mixture_or_task_name}: "
+        f"{loop.num_steps} iterations of {batch_size} prompts; mesh {dict(partitioner.mesh.shape)}; run dir {model_dir}"
+    )
+
+    def create():
+        return partitioner.create(init, abstract, reference, reward.state)
+
+    with partitioner.activate():
+        result = trainer.run(create, abstract)
+    checkpointer.close()
+    metrics.close()
+    batches.close()
+    if jax.process_index() == 0:
+        for name, keys in (("reward.png", ("reward/score_mean",)), ("kl.png", ("kl", "beta"))):
+            plot_metrics(metrics.path, os.path.join(model_dir, name), keys=keys, log_scale=False)
+        with open(os.path.join(model_dir, "ppo.json"), "w") as f:
+            json.dump({"reward_checkpoint": os.path.abspath(reward_checkpoint), "kl_target": kl.target}, f, indent=2)
+    return result

@@ -1,0 +1,81 @@
+"""Sampling a policy for feedback and at inference: `flanjax label` and `flanjax sample`.
+
+`label` samples K responses to each prompt of a task, has a labeler (rubric, model judge,
+human labels, or a mix) rank them, and writes the comparisons as preference JSONL, which
+`reward.preference_task` reads as a seqio task. `best_of_n` samples n responses and keeps
+the reward model's favourite (InstructGPT's rejection-sampling baseline).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import seqio
+
+from flanjax.data.pipeline import get_task_or_mixture, text_examples
+from flanjax.data.preferences import Comparison, write_comparisons
+from flanjax.decode import SamplingConfig, generate_texts
+from flanjax.eval.run import restore
+from flanjax.rlhf.feedback import Labeler, label_all
+from flanjax.rlhf.reward import TOKENIZER_FILE, RewardModel
+from flanjax.sharding import Partitioner
+from flanjax.train.metrics import console
+
+
+def task_prompts(name: str, split: str, n: int) -> tuple[list[str], list[str], seqio.Vocabulary]:
+    """Up to `n` (prompt, reference) texts of a task, or spread over a mixture's tasks."""
+    provider = get_task_or_mixture(name)
+    tasks = seqio.get_subtasks(provider)
+    prompts, references = [], []
+    for i, task in enumerate(tasks):
+        share = n // len(tasks) + (i < n % len(tasks))
+        for ex in text_examples(task.name, split, share):
+            prompts.append(_text(ex["inputs"]))
+            references.append(_text(ex.get("targets", b"")))
+    return prompts, references, tasks[0].output_features["inputs"].vocabulary
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def sample(policy: str, prompts: Sequence[str], vocabulary, partitioner: Partitioner, *, num_samples: int,
+           sampling: SamplingConfig, prompt_len: int, batch_size: int = 64, seed: int = 0) -> list[list[str]]:  # fmt: skip
+    """`num_samples` responses to each prompt from a run's policy."""
+    graphdef, state, _ = restore(policy, partitioner)
+    flat = [p for p in prompts for _ in range(num_samples)]
+    texts = generate_texts(graphdef, state, vocabulary, flat, config=sampling, partitioner=partitioner,
+                           prompt_len=prompt_len, batch_size=batch_size, seed=seed)  # fmt: skip
+    return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
+
+
+def label(policy: str, task: str, labeler: Labeler, out: str, partitioner: Partitioner, *, split: str = "train",
+          num_prompts: int = 256, num_samples: int = 4, sampling: SamplingConfig = SamplingConfig(temperature=1.0),
+          prompt_len: int = 64, batch_size: int = 64, seed: int = 0) -> list[Comparison]:  # fmt: skip
+    prompts, references, vocabulary = task_prompts(task, split, num_prompts)
+    console.print(f"Sampling {num_samples} responses to each of {len(prompts)} prompts of {task} ({split})")
+    responses = sample(policy, prompts, vocabulary, partitioner, num_samples=num_samples, sampling=sampling,
+                       prompt_len=prompt_len, batch_size=batch_size, seed=seed)  # fmt: skip
+    comparisons, sources, skipped = label_all(labeler, prompts, responses, references)
+    write_comparisons(out, comparisons)
+    with open(os.path.join(os.path.dirname(os.path.abspath(out)), TOKENIZER_FILE), "w") as f:
+        f.write(vocabulary.path)  # the token ids the reward model will see are the policy's
+    console.print(f"Wrote {len(comparisons)} comparisons to {out} (by source: {dict(sources)}; {skipped} prompts without a preference)")
+    return comparisons
+
+
+def best_of_n(policy: str, reward: RewardModel, prompts: Sequence[str], vocabulary, partitioner: Partitioner, *,
+              n: int, sampling: SamplingConfig, prompt_len: int, batch_size: int = 64, seed: int = 0) -> list[dict]:  # fmt: skip
+    """For each prompt: n samples, their normalised rewards, and the best one."""
+    candidates = sample(policy, prompts, vocabulary, partitioner, num_samples=n, sampling=sampling,
+                        prompt_len=prompt_len, batch_size=batch_size, seed=seed)  # fmt: skip
+    flat_prompts = [p for p in prompts for _ in range(n)]
+    flat = [r for rs in candidates for r in rs]
+    rewards = reward.scores(vocabulary, flat_prompts, flat, batch_size).reshape(len(prompts), n)
+    return [
+        {"prompt": p, "response": rs[int(np.argmax(r))], "reward": float(r.max()), "candidates": list(rs),
+         "rewards": [float(x) for x in r]}  # fmt: skip
+        for p, rs, r in zip(prompts, candidates, rewards)
+    ]
