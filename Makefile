@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Quiet TensorFlow's start-up chatter; seqio uses TF only for the input pipeline.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: quickstart test bench clean
+.PHONY: quickstart quickstart-rlhf test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,19 @@ $(STAMP): pyproject.toml
 
 quickstart: $(STAMP)
 	$(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart.gin
+
+# RLHF on top of the quickstart's SFT run: rubric feedback -> reward model -> PPO -> summary.
+RLHF_DIR := runs/quickstart_rlhf
+LABEL    := $(VENV)/bin/flanjax label --policy runs/quickstart --task quickstart \
+            --labeler rubric:tasks.quickstart_rlhf:rubric --max_new_tokens 16 --prompt_len 32
+quickstart-rlhf: $(STAMP)
+	test -d runs/quickstart/checkpoints || $(MAKE) quickstart
+	test -f $(RLHF_DIR)/preferences/train.jsonl || $(LABEL) --num_prompts 2000 --out $(RLHF_DIR)/preferences/train.jsonl
+	test -f $(RLHF_DIR)/preferences/validation.jsonl || $(LABEL) --split validation --num_prompts 400 --seed 1 \
+		--out $(RLHF_DIR)/preferences/validation.jsonl
+	$(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart_rlhf_reward.gin
+	$(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart_rlhf_ppo.gin
+	$(PY) -m tasks.quickstart_rlhf report
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -304,7 +304,7 @@ def make_update(graphs: Graphs, config: PPOConfig, kl: KLConfig, seed: int):
         if ema:
             d = config.ema_decay
             nnx.update(ema[0], jax.tree.map(lambda e, p: d * e + (1 - d) * p, nnx.state(ema[0], policy_opt.wrt), nnx.state(policy, policy_opt.wrt)))
-        metrics = {k: v.mean() for k, v in outs.items()}
+        metrics = {**{k: v.mean() for k, v in outs.items()}, "beta": controller.beta[...]}
         return nnx.state((policy, policy_opt, value, value_opt, controller, *ema)), metrics
 
     return update
@@ -337,7 +337,6 @@ def make_ppo_step(graphs: Graphs, abstract_state, *, reference, reward_fn: Rewar
         return state, {
             **metrics,
             **train_metrics,
-            "beta": state[4]["beta"][...],
             "loss_sum": train_metrics["policy_loss"],
             "weight_sum": jnp.ones(()),
             "time/rollout_s": t1 - t0,
@@ -461,7 +460,7 @@ def train_ppo(
     metrics.close()
     batches.close()
     if jax.process_index() == 0:
-        for name, keys in (("reward.png", ("reward/score_mean",)), ("kl.png", ("kl", "beta"))):
+        for name, keys in (("reward.png", ("reward/score_mean",)), ("kl.png", ("kl",)), ("beta.png", ("beta",))):
             plot_metrics(metrics.path, os.path.join(model_dir, name), keys=keys, log_scale=False)
         with open(os.path.join(model_dir, "ppo.json"), "w") as f:
             json.dump({"reward_checkpoint": os.path.abspath(reward_checkpoint), "kl_target": kl.target}, f, indent=2)
