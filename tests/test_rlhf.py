@@ -198,3 +198,61 @@ def test_sharded_ppo_step_equals_single_device():
         np.testing.assert_allclose(m1[key], m8[key], rtol=2e-4, atol=1e-6, err_msg=key)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), single, sharded)
     assert m1["beta"] != 0.1  # the adaptive controller moved
+
+
+# --- the command line, end to end ---------------------------------------------------------------
+
+
+def test_label_reward_ppo_sample_from_the_command_line(tmp_path, capsys):
+    """A tiny SFT run -> rubric labels -> reward model -> PPO (with PPO-ptx and EMA; resumed) ->
+    best-of-n, through `flanjax` and the demo's run configs."""
+    import gin
+
+    from flanjax import cli
+    from flanjax.train.metrics import read_metrics
+
+    def main(args):
+        gin.clear_config(clear_constants=True)
+        return cli.main(args)
+
+    sft, prefs, rm, policy = (str(tmp_path / d) for d in ("sft", "prefs", "rm", "ppo"))
+    assert main(["train", "--gin_file=tests/tiny_run.gin", f"--gin.MODEL_DIR='{sft}'", "--gin.TRAIN_STEPS=20"]) == 0
+    label = ["label", "--policy", sft, "--task", "quickstart", "--labeler", "rubric:tasks.quickstart_rlhf:rubric",
+             "--max_new_tokens", "8", "--prompt_len", "32"]  # fmt: skip
+    assert main([*label, "--num_prompts", "64", "--out", f"{prefs}/train.jsonl"]) == 0
+    assert main([*label, "--num_prompts", "32", "--split", "validation", "--out", f"{prefs}/validation.jsonl"]) == 0
+    assert sum(1 for _ in open(f"{prefs}/train.jsonl")) > 4
+
+    assert main(["train", "--gin_file=configs/runs/quickstart_rlhf_reward.gin", f"--gin.MODEL_DIR='{rm}'",
+                 f"--gin.INIT_CHECKPOINT='{sft}'", f"--gin.PREFERENCES='{prefs}'", "--gin.TRAIN_STEPS=3",
+                 "--gin.BATCH_SIZE=8", "--gin.reward.train_reward.response_len=8",
+                 "--gin.reward.NormalisationConfig.num_prompts=16", "--gin.reward.NormalisationConfig.batch_size=8"]) == 0  # fmt: skip
+    stats = json.load(open(f"{rm}/reward.json"))
+    assert stats["scale"] > 0 and stats["num_samples"] > 0
+    assert any("validation/pair_accuracy" in r for r in read_metrics(f"{rm}/metrics.jsonl"))
+
+    ppo = ["train", "--gin_file=configs/runs/quickstart_rlhf_ppo.gin", f"--gin.MODEL_DIR='{policy}'",
+           f"--gin.POLICY_CHECKPOINT='{sft}'", f"--gin.REWARD_CHECKPOINT='{rm}'", "--gin.BATCH_SIZE=16",
+           "--gin.decode.SamplingConfig.max_new_tokens=8", "--gin.ppo.PPOConfig.ptx_coef=0.5",
+           "--gin.ppo.PPOConfig.ema_decay=0.9", "--gin.ppo.train_ppo.ptx=@ppo.PtxConfig()",
+           "--gin.ppo.PtxConfig.mixture_or_task_name='quickstart'", "--gin.ppo.PtxConfig.batch_size=16",
+           "--gin.ppo.PtxConfig.task_feature_lengths={'inputs': 48, 'targets': 16}",
+           "--gin.checkpoint.CheckpointConfig.every_steps=2"]  # fmt: skip
+    assert main([*ppo, "--gin.TRAIN_STEPS=2"]) == 0
+    assert main([*ppo, "--gin.TRAIN_STEPS=3"]) == 0  # resumes at iteration 2
+    rows = read_metrics(f"{policy}/metrics.jsonl")
+    assert [r["step"] for r in rows if "kl" in r] == [2, 3]
+    for key in ("reward/score_mean", "kl", "beta", "entropy", "clip_fraction", "approx_kl", "value_loss",
+                "explained_variance", "response_length", "ptx_loss", "time/rollout_s", "time/scoring_s", "time/training_s"):  # fmt: skip
+        assert np.isfinite(rows[-1][key]), key
+    assert rows[-1]["ptx_loss"] > 0
+    assert (tmp_path / "ppo" / "kl.png").exists() and (tmp_path / "ppo" / "reward.png").exists()
+
+    capsys.readouterr()
+    assert main(["sample", "--policy", policy, "--reward", rm, "--best_of", "3", "--task", "quickstart_max",
+                 "--num_prompts", "2", "--max_new_tokens", "8", "--prompt_len", "32"]) == 0  # fmt: skip
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(out) == 2
+    for row in out:
+        assert len(row["candidates"]) == 3 and row["reward"] == max(row["rewards"])
+        assert row["response"] == row["candidates"][int(np.argmax(row["rewards"]))]
