@@ -14,11 +14,14 @@ import time
 import jax
 import numpy as np
 import optax
-
 from flax import nnx
 
 from flanjax.decode import SamplingConfig, generate, score
+from flanjax.models.heads import ScoreModel
 from flanjax.models.transformer import Transformer, TransformerConfig
+from flanjax.rlhf.kl import KLConfig
+from flanjax.rlhf.ppo import Graphs, PPOConfig, make_ppo_step, ppo_init
+from flanjax.rlhf.reward import sequence_scores
 from flanjax.sharding import MeshConfig, Partitioner
 from flanjax.train import throughput
 from flanjax.train.steps import compile_lm_train_step, lm_init
@@ -236,4 +239,58 @@ def bench_pipeline(
         "cpu_cores": 1,
         "vocab_size": vocab_size,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def bench_ppo(
+    config: TransformerConfig,
+    *,
+    model_name: str = "",
+    batch_size: int = 32,
+    prompt_len: int = 64,
+    new_tokens: int = 64,
+    iterations: int = 2,
+    mesh: MeshConfig = MeshConfig(),
+) -> dict:
+    """Times PPO iterations (after one that compiles) with policy, reference, value and reward
+    models all of `config`'s size, sampling exactly `new_tokens` per prompt, split into rollout,
+    scoring and training; then greedy decoding of the same shape, for the rollout's overhead."""
+    partitioner = Partitioner.from_config(mesh)
+    tx = optax.adamw(1e-6)
+    init = ppo_init(config, config, tx, tx)
+    state_def, abstract = partitioner.abstract_state(init)
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(1, config.vocab_size, (batch_size, prompt_len), dtype=np.int32)
+    with partitioner.activate():
+        plain_def, reference = _model_state(config, partitioner)
+        reward_def, reward_abstract = partitioner.abstract_state(lambda: ScoreModel(config, rngs=nnx.Rngs(1)))
+        reward = partitioner.create(lambda: ScoreModel(config, rngs=nnx.Rngs(1)), reward_abstract)
+        state = partitioner.create(init, abstract)
+        step = make_ppo_step(
+            Graphs(state_def, plain_def, plain_def), abstract, reference=reference,
+            reward_fn=lambda params, tokens, lengths: sequence_scores(nnx.merge(reward_def, params), tokens, lengths),
+            reward_params=reward, sampling=SamplingConfig(max_new_tokens=new_tokens, temperature=1.0),
+            eos_id=-1, config=PPOConfig(), kl=KLConfig(),
+        )  # fmt: skip
+        batch = partitioner.shard_batch({"prompts": prompts, "prompt_lengths": np.full(batch_size, prompt_len, np.int32)})
+        runs = []
+        for _ in range(1 + iterations):
+            start = time.perf_counter()
+            state, metrics = step(state, batch)
+            runs.append({"iteration_s": time.perf_counter() - start, **jax.device_get(metrics)})
+    split = {k: statistics.median(float(r[k]) for r in runs[1:]) for k in ("iteration_s", "time/rollout_s", "time/scoring_s", "time/training_s")}
+    decode = bench_decode(config, model_name=model_name, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, mesh=mesh)
+    rollout_tokens_per_s = batch_size * new_tokens / split["time/rollout_s"]
+    return {
+        **_describe(config, model_name, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens),
+        "models": 4,
+        "iteration_s": split["iteration_s"],
+        "rollout_s": split["time/rollout_s"],
+        "scoring_s": split["time/scoring_s"],
+        "training_s": split["time/training_s"],
+        "first_iteration_s": runs[0]["iteration_s"],
+        "rollout_tokens_per_s": rollout_tokens_per_s,
+        "decode_new_tokens_per_s": decode["new_tokens_per_s"],
+        "rollout_vs_decode": rollout_tokens_per_s / decode["new_tokens_per_s"],
+        **_environment(),
     }

@@ -192,6 +192,8 @@ def cmd_bench(args: argparse.Namespace, bindings: list[str]) -> int:
         result = benchmark.bench_train(config, **shape, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup)
     elif args.what == "decode":
         result = benchmark.bench_decode(config, **shape, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+    elif args.what == "ppo":
+        result = benchmark.bench_ppo(config, **shape, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
     else:
         result = benchmark.bench_rank(config, **shape, prompt_len=args.prompt_len, option_len=args.option_len)
     print(json.dumps(result))
@@ -360,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
-        help="train a model (instruction tuning / SFT) from gin configs",
+        help="train a model (SFT, reward model, PPO: the run file's TRAINER) from gin configs",
         description="Train a model from gin files; --gin.KEY=VALUE overrides any binding.",
     )
     train.set_defaults(run=cmd_train)
@@ -383,9 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure throughput; prints one JSON object",
         description="train: training steps (tokens/s, MFU); decode: greedy generation with the KV cache "
         "(new tokens/s); rank: scoring rank-classification options (options/s); pipeline: templating, "
-        "tokenizing and packing a FLAN mixture on one core under TFDS mock data (tokens/s).",
+        "tokenizing and packing a FLAN mixture on one core under TFDS mock data (tokens/s); ppo: one PPO "
+        "iteration with four models of the size (rollout / scoring / training seconds, rollout vs decode speed).",
     )
-    bench.add_argument("what", choices=["train", "decode", "rank", "pipeline"], help="what to measure")
+    bench.add_argument("what", choices=["train", "decode", "rank", "pipeline", "ppo"], help="what to measure")
     bench.add_argument("--model", default="bench_27m", help="a model config in configs/models (default bench_27m)")
     bench.add_argument("--batch_size", type=int, default=8, help="rows per step / generate call / scoring call")
     bench.add_argument("--seq_len", type=int, default=256, help="train: tokens per row")
