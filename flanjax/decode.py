@@ -22,6 +22,7 @@ from flax import nnx
 
 from flanjax.errors import FlanjaxError
 from flanjax.models.transformer import KVCache, TransformerConfig
+from flanjax.sharding import to_host
 from flanjax.train.objectives import token_log_likelihoods
 
 
@@ -177,10 +178,10 @@ def generate_texts(
         for i, ids in enumerate(chunk):
             tokens[i, : len(ids)], lengths[i] = ids, len(ids)
         with partitioner.activate():
-            batch = partitioner.shard_batch({"tokens": tokens, "lengths": lengths})
+            batch = partitioner.shard_global_batch({"tokens": tokens, "lengths": lengths})
             gen = generate(graphdef, state, batch["tokens"], batch["lengths"], eos_id=vocabulary.eos_id,
                            config=config, seed=jax.random.fold_in(jax.random.key(seed), start))  # fmt: skip
-        new, counts = np.asarray(jax.device_get(gen.tokens)), np.asarray(jax.device_get(gen.lengths))
+        new, counts = to_host(gen.tokens), to_host(gen.lengths)
         stops = {vocabulary.eos_id, *config.stop_tokens}
         for i in range(len(chunk)):
             row = [int(t) for t in new[i, : counts[i]] if int(t) not in stops]

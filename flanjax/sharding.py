@@ -223,6 +223,13 @@ class Partitioner:
             for k, v in local_batch.items()
         }
 
+    def shard_global_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Global arrays from a global batch that every process holds whole (each hands the mesh
+        its own slice of rows)."""
+        share = len(next(iter(batch.values()))) // jax.process_count()
+        start = jax.process_index() * share
+        return self.shard_batch({k: np.asarray(v)[start : start + share] for k, v in batch.items()})
+
     def per_process_batch_size(self, global_batch_size: int) -> int:
         if global_batch_size % self.data_parallel_size:
             raise MeshError(
@@ -250,3 +257,11 @@ def initialize_distributed(
         process_id=process_id,
     )
 
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """All of a (possibly multi-process) global array, on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

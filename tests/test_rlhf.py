@@ -1,6 +1,7 @@
 """Reward model and PPO: the K-wise loss against enumerated pairs, PPO on a bandit with a known
 optimum, a sharded PPO step against a single-device one, and the bad-input errors."""
 
+import functools
 import itertools
 import json
 
@@ -19,6 +20,7 @@ from flanjax.rlhf.kl import KLConfig
 from flanjax.rlhf.ppo import Graphs, PPOConfig, concat_responses, make_ppo_step, ppo_init
 from flanjax.rlhf.reward import RewardModelError, pairwise_loss, sequence_scores
 from flanjax.sharding import MeshConfig, Partitioner, make_mesh
+from flanjax.train.steps import new_model
 
 TINY = TransformerConfig(vocab_size=16, d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, d_ff=64, max_len=16)
 
@@ -136,13 +138,13 @@ def bandit_reward(table, tokens, lengths):
     return table[last]
 
 
-def ppo_setup(partitioner, *, config=PPOConfig(), kl=KLConfig(init_beta=0.0), tx=optax.adam(3e-3), seed=0):
-    init = ppo_init(TINY, TINY, tx, tx, init_beta=kl.init_beta, seed=seed)
+def ppo_setup(partitioner, *, config=PPOConfig(), kl=KLConfig(init_beta=0.0), tx=optax.adam(3e-3), seed=0, lora=None):
+    init = ppo_init(TINY, TINY, tx, tx, init_beta=kl.init_beta, seed=seed, lora=lora, ema=config.ema_decay is not None)
     state_def, abstract = partitioner.abstract_state(init)
     plain_def, plain = partitioner.abstract_state(lambda: Transformer(TINY, rngs=nnx.Rngs(seed)))
     reference = partitioner.create(lambda: Transformer(TINY, rngs=nnx.Rngs(seed)), plain)
     state = partitioner.create(init, abstract, reference)
-    policy_def = nnx.split(nnx.eval_shape(lambda: Transformer(TINY, rngs=nnx.Rngs(0))))[0]
+    policy_def = nnx.split(nnx.eval_shape(lambda: new_model(TINY, lora)))[0]
     table = jnp.zeros(TINY.vocab_size).at[BEST].set(1.0).at[3].set(0.5)
     step = make_ppo_step(
         Graphs(state_def, policy_def, plain_def), abstract, reference=reference, reward_fn=bandit_reward,
@@ -198,6 +200,27 @@ def test_sharded_ppo_step_equals_single_device():
         np.testing.assert_allclose(m1[key], m8[key], rtol=2e-4, atol=1e-6, err_msg=key)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), single, sharded)
     assert m1["beta"] != 0.1  # the adaptive controller moved
+
+
+def test_lora_policy_trains_its_adapters_only_and_ema_follows():
+    from flanjax.models.lora import LoraConfig
+
+    partitioner = Partitioner.from_config(MeshConfig())
+    config = PPOConfig(num_minibatches=2, no_stop_penalty=0.0, ema_decay=0.5)
+    with partitioner.activate():
+        state, step, _ = ppo_setup(partitioner, config=config, lora=LoraConfig(rank=2, alpha=4.0))
+        before = jax.device_get(nnx.to_pure_dict(state))
+        state, _ = step(state, bandit_batch(partitioner, 16))
+        after = jax.device_get(nnx.to_pure_dict(state))
+    policy_before, policy_after = before[0], after[0]
+    changed = jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda a, b: bool(np.any(a != b)), policy_before, policy_after))[0]
+    moved = {"/".join(str(getattr(k, "key", k)) for k in path) for path, c in changed if c}
+    assert moved and all("lora_" in name for name in moved), moved
+    # EMA (index 5) moved halfway towards the new adapters.
+    for name in moved:
+        keys = name.split("/")
+        get = lambda tree: functools.reduce(lambda t, k: t[int(k) if k.isdigit() and k not in t else k], keys, tree)  # noqa: E731
+        np.testing.assert_allclose(get(after[5]), 0.5 * get(before[5]) + 0.5 * get(policy_after), rtol=1e-5, atol=1e-7)
 
 
 # --- the command line, end to end ---------------------------------------------------------------

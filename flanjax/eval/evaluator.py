@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 
-import jax
 import numpy as np
 import seqio
 from flax import nnx
@@ -27,7 +26,7 @@ from flanjax.data.pipeline import decoder_converter, get_task_or_mixture
 from flanjax.decode import SamplingConfig, SequenceTooLongError, check_length, generate, score
 from flanjax.errors import FlanjaxError
 from flanjax.models.transformer import TransformerConfig
-from flanjax.sharding import Partitioner
+from flanjax.sharding import Partitioner, to_host
 
 
 class EvalError(FlanjaxError, ValueError):
@@ -140,21 +139,21 @@ class Evaluator:
         for indices, batch in self._batches(list(ds.as_numpy_iterator())):
             lengths = batch["decoder_causal_attention"].sum(axis=1).astype(np.int32)
             prompts = np.where(np.arange(width) < lengths[:, None], batch["decoder_input_tokens"][:, :width], 0)
-            local = self._local({"prompts": prompts, "lengths": np.maximum(lengths, 1)})
+            local = self.partitioner.shard_global_batch({"prompts": prompts, "lengths": np.maximum(lengths, 1)})
             generation = generate(
                 self.graphdef, model_state, local["prompts"], local["lengths"],
                 eos_id=eos_id, config=sampling, seed=self.config.seed,
             )  # fmt: skip
             # Whole rows (0 after each stop token): seqio stacks them and cuts at EOS itself.
-            tokens = self._gather(generation.tokens)
+            tokens = to_host(generation.tokens)
             out += [(i, row.tolist()) for i, row in zip(indices, tokens) if i >= 0]
         return out
 
     def _score(self, ds, model_state: nnx.State) -> list[tuple[int, float]]:
         out = []
         for indices, batch in self._batches(list(ds.as_numpy_iterator())):
-            scores = score(self.graphdef, model_state, self._local(batch))
-            out += [(i, float(s)) for i, s in zip(indices, self._gather(scores.log_likelihood)) if i >= 0]
+            scores = score(self.graphdef, model_state, self.partitioner.shard_global_batch(batch))
+            out += [(i, float(s)) for i, s in zip(indices, to_host(scores.log_likelihood)) if i >= 0]
         return out
 
     def _batches(self, rows: list) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
@@ -173,20 +172,6 @@ class Evaluator:
                 batch["decoder_segment_ids"] = (batch["decoder_target_tokens"] != 0).astype(np.int32)
                 batch["decoder_positions"] = np.broadcast_to(np.arange(width, dtype=np.int32), (size, width)).copy()
             yield indices, batch
-
-    def _local(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Global arrays on the mesh from a global batch every process holds whole."""
-        share = len(next(iter(batch.values()))) // jax.process_count()
-        start = jax.process_index() * share
-        return self.partitioner.shard_batch({k: v[start : start + share] for k, v in batch.items()})
-
-    @staticmethod
-    def _gather(x: jax.Array) -> np.ndarray:
-        if jax.process_count() == 1:
-            return np.asarray(jax.device_get(x))
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _check_tasks(name: str, split: str) -> None:

@@ -25,13 +25,13 @@ import string
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-import jax
 import numpy as np
 from flax import nnx
 
 from flanjax.data.preferences import Comparison, comparison, read_comparisons
 from flanjax.decode import score
 from flanjax.errors import FlanjaxError
+from flanjax.sharding import to_host
 
 
 class LabelError(FlanjaxError, ValueError):
@@ -243,15 +243,9 @@ class JudgeLabeler:
         for start in range(0, len(rows), self.batch_size):
             batch = _decoder_features(rows[start : start + self.batch_size], self.batch_size, width)
             with self.partitioner.activate():
-                scores = score(self.graphdef, self.state, self._local(batch))
-            out.append(_gather(scores.log_likelihood)[: len(rows) - start])
+                scores = score(self.graphdef, self.state, self.partitioner.shard_global_batch(batch))
+            out.append(to_host(scores.log_likelihood)[: len(rows) - start])
         return np.concatenate(out).astype(np.float64)
-
-    def _local(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        # Every process builds the whole batch; each hands the mesh its own slice of rows.
-        share = self.batch_size // jax.process_count()
-        start = jax.process_index() * share
-        return self.partitioner.shard_batch({k: v[start : start + share] for k, v in batch.items()})
 
 
 def _decoder_features(rows: list[tuple[list[int], list[int]]], size: int, width: int) -> dict[str, np.ndarray]:
@@ -270,14 +264,6 @@ def _decoder_features(rows: list[tuple[list[int], list[int]]], size: int, width:
     positions = np.broadcast_to(np.arange(width, dtype=np.int32), (size, width)).copy()
     return {"decoder_input_tokens": inputs, "decoder_target_tokens": targets, "decoder_loss_weights": weights,
             "decoder_segment_ids": segments, "decoder_positions": positions}  # fmt: skip
-
-
-def _gather(x: jax.Array) -> np.ndarray:
-    if jax.process_count() == 1:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _sigmoid(x: float) -> float:

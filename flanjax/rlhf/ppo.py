@@ -42,7 +42,7 @@ from flanjax.eval.run import INIT_FILE, read_model_config, resolve_checkpoint, w
 from flanjax.models.heads import ScoreModel
 from flanjax.models.lora import LoraConfig
 from flanjax.models.transformer import Transformer, TransformerConfig
-from flanjax.rlhf.advantages import gae, masked_mean, whiten
+from flanjax.rlhf.advantages import gae, masked_mean, masked_var, whiten
 from flanjax.rlhf.kl import KLConfig, kl_penalty, update_beta
 from flanjax.rlhf.reward import load_reward_model, sequence_scores
 from flanjax.sharding import MeshConfig, Partitioner, shardings_of
@@ -245,16 +245,11 @@ def make_scoring(graphs: Graphs, config: PPOConfig, kl: KLConfig, stop_tokens: t
             "entropy_rollout": masked_mean(entropy, mask),
             "response_length": lengths.astype(jnp.float32).mean(),
             "no_stop_fraction": 1.0 - stopped.astype(jnp.float32).mean(),
-            "explained_variance": 1.0 - _masked_var(returns - values, mask) / jnp.maximum(_masked_var(returns, mask), 1e-8),
+            "explained_variance": 1.0 - masked_var(returns - values, mask) / jnp.maximum(masked_var(returns, mask), 1e-8),
         }
         return rollout, metrics
 
     return scoring
-
-
-def _masked_var(x, mask):
-    mean = masked_mean(x, mask)
-    return masked_mean(jnp.square(x - mean), mask)
 
 
 def make_update(graphs: Graphs, config: PPOConfig, kl: KLConfig, seed: int):

@@ -36,7 +36,7 @@ from flanjax.errors import FlanjaxError
 from flanjax.eval.run import read_model_config, resolve_checkpoint, restore, write_model_config
 from flanjax.models.heads import ScoreModel, score_model_from_lm
 from flanjax.models.transformer import Transformer, TransformerConfig
-from flanjax.sharding import MeshConfig, Partitioner, shardings_of
+from flanjax.sharding import MeshConfig, Partitioner, shardings_of, to_host
 from flanjax.train.checkpoint import CheckpointConfig, Checkpointer
 from flanjax.train.loop import LoopConfig, LoopResult, TrainLoop
 from flanjax.train.metrics import MetricsLog, console, plot_metrics
@@ -158,9 +158,9 @@ def _text_scores(graphdef, state, partitioner, vocabulary, prompts, responses, p
         n = len(rows["lengths"])
         padded = {k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)]) for k, v in rows.items()}
         with partitioner.activate():
-            batch = partitioner.shard_batch(padded)
+            batch = partitioner.shard_global_batch(padded)
             scores = _normalised_scores(graphdef, state, batch["tokens"], batch["lengths"], 0.0, 1.0)
-        out.append(np.asarray(jax.device_get(scores))[:n])
+        out.append(to_host(scores)[:n])
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -287,6 +287,8 @@ def train_reward(
     checkpointer.close()
     metrics.close()
     batches.close()
+    if result.preempted:  # normalised when the rerun finishes
+        return result
 
     # Normalise against the reference policy's own samples.
     prompts = sorted({ex["inputs"].decode() for ex in text_examples(name, "train", normalisation.num_prompts)})
