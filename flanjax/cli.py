@@ -241,12 +241,13 @@ def _import_modules(modules: list[str]) -> None:
 
 
 def cmd_label(args: argparse.Namespace, bindings: list[str]) -> int:
+    from flanjax.data.pipeline import task_prompts
     from flanjax.rlhf import feedback, sampling
     from flanjax.sharding import Partitioner
 
     _import_modules(args.module)
     partitioner = Partitioner.from_config(_mesh(args.mesh))
-    prompts_vocab = sampling.task_prompts(args.task, args.split, 1)[2]
+    prompts_vocab = task_prompts(args.task, args.split, 1)[2]
     labelers = []
     for spec in args.labeler:
         kind, _, value = spec.partition(":")
@@ -265,6 +266,7 @@ def cmd_label(args: argparse.Namespace, bindings: list[str]) -> int:
 
 
 def cmd_sample(args: argparse.Namespace, bindings: list[str]) -> int:
+    from flanjax.data.pipeline import task_prompts
     from flanjax.rlhf import sampling
     from flanjax.rlhf.reward import load_reward_model
     from flanjax.sharding import Partitioner
@@ -272,7 +274,7 @@ def cmd_sample(args: argparse.Namespace, bindings: list[str]) -> int:
     _import_modules(args.module)
     partitioner = Partitioner.from_config(_mesh(args.mesh))
     if args.task:
-        prompts, _, vocabulary = sampling.task_prompts(args.task, args.split, args.num_prompts)
+        prompts, _, vocabulary = task_prompts(args.task, args.split, args.num_prompts)
     else:
         from flanjax.data.vocab import HFVocabulary
 

@@ -34,7 +34,8 @@ def rubric(prompt: str, response: str, reference: str) -> float:
 def rubric_score(policy: str, num_prompts: int = 300, samples: int = 4, seed: int = 1) -> float:
     """Mean rubric score of `samples` sampled responses to held-out prompts (temperature 1)."""
     from flanjax.decode import SamplingConfig
-    from flanjax.rlhf.sampling import sample, task_prompts
+    from flanjax.data.pipeline import task_prompts
+    from flanjax.rlhf.sampling import sample
     from flanjax.sharding import MeshConfig, Partitioner
 
     partitioner = Partitioner.from_config(MeshConfig())

@@ -71,6 +71,19 @@ def text_examples(task_name: str, split: str = "train", n: int = 5) -> list[dict
 _TOKENIZERS = (seqio.preprocessors.tokenize, seqio.preprocessors.tokenize_and_append_eos)
 
 
+def task_prompts(name: str, split: str, n: int) -> tuple[list[str], list[str], seqio.Vocabulary]:
+    """Up to `n` (prompt, reference) texts of a task, or spread over a mixture's tasks."""
+    provider = get_task_or_mixture(name)
+    tasks = seqio.get_subtasks(provider)
+    prompts, references = [], []
+    for i, task in enumerate(tasks):
+        share = n // len(tasks) + (i < n % len(tasks))
+        for ex in text_examples(task.name, split, share):
+            prompts.append(ex["inputs"].decode())
+            references.append(ex.get("targets", b"").decode())
+    return prompts, references, tasks[0].output_features["inputs"].vocabulary
+
+
 def _registered(name: str) -> bool:
     return name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names()
 

@@ -28,7 +28,7 @@ import optax
 import seqio
 from flax import nnx
 
-from flanjax.data.pipeline import get_task_or_mixture, text_examples
+from flanjax.data.pipeline import get_task_or_mixture, task_prompts
 from flanjax.data.preferences import PreferenceBatches, add_preference_task
 from flanjax.data.vocab import DEFAULT_VOCABULARY, HFVocabulary
 from flanjax.decode import SamplingConfig, generate_texts
@@ -193,7 +193,7 @@ def load_reward_model(checkpoint_path: str, partitioner: Partitioner, vocabulary
                        partitioner, stats["prompt_len"], stats["response_len"])  # fmt: skip
 
 
-# --- `flanjax train-reward` ------------------------------------------------------------------
+# --- `flanjax train` with configs/runs/reward.gin -------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +258,11 @@ def train_reward(
         write_model_config(model_dir, config)
 
     tx = make_optimizer(optimizer, loop.num_steps)
-    init = lambda lm=None: (m := score_model_from_lm(config, lm, seed), nnx.Optimizer(m, tx, wrt=nnx.Param))  # noqa: E731
+
+    def init(lm=None):
+        model = score_model_from_lm(config, lm, seed)
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
     graphdef, abstract = partitioner.abstract_state(init)
     shardings = shardings_of(abstract)
     step_fn = jax.jit(make_reward_train_step(graphdef, seed), in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
@@ -291,7 +295,7 @@ def train_reward(
         return result
 
     # Normalise against the reference policy's own samples.
-    prompts = sorted({ex["inputs"].decode() for ex in text_examples(name, "train", normalisation.num_prompts)})
+    prompts = sorted(set(task_prompts(name, "train", normalisation.num_prompts)[0]))
     policy_def, policy_state, _ = restore(init_checkpoint, partitioner)
     responses = generate_texts(policy_def, policy_state, vocabulary, prompts, config=normalisation.sampling,
                                partitioner=partitioner, prompt_len=prompt_len, batch_size=normalisation.batch_size,

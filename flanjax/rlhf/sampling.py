@@ -12,9 +12,8 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-import seqio
 
-from flanjax.data.pipeline import get_task_or_mixture, text_examples
+from flanjax.data.pipeline import task_prompts
 from flanjax.data.preferences import Comparison, write_comparisons
 from flanjax.decode import SamplingConfig, generate_texts
 from flanjax.eval.run import restore
@@ -22,23 +21,6 @@ from flanjax.rlhf.feedback import Labeler, label_all
 from flanjax.rlhf.reward import TOKENIZER_FILE, RewardModel
 from flanjax.sharding import Partitioner
 from flanjax.train.metrics import console
-
-
-def task_prompts(name: str, split: str, n: int) -> tuple[list[str], list[str], seqio.Vocabulary]:
-    """Up to `n` (prompt, reference) texts of a task, or spread over a mixture's tasks."""
-    provider = get_task_or_mixture(name)
-    tasks = seqio.get_subtasks(provider)
-    prompts, references = [], []
-    for i, task in enumerate(tasks):
-        share = n // len(tasks) + (i < n % len(tasks))
-        for ex in text_examples(task.name, split, share):
-            prompts.append(_text(ex["inputs"]))
-            references.append(_text(ex.get("targets", b"")))
-    return prompts, references, tasks[0].output_features["inputs"].vocabulary
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def sample(policy: str, prompts: Sequence[str], vocabulary, partitioner: Partitioner, *, num_samples: int,
