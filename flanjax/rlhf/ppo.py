@@ -451,9 +451,7 @@ def train_ppo(
 
     with partitioner.activate():
         result = trainer.run(create, abstract)
-    checkpointer.close()
-    metrics.close()
-    batches.close()
+    trainer.close()
     if jax.process_index() == 0:
         for name, keys in (("reward.png", ("reward/score_mean",)), ("kl.png", ("kl",)), ("beta.png", ("beta",))):
             plot_metrics(metrics.path, os.path.join(model_dir, name), keys=keys, log_scale=False)

@@ -288,9 +288,7 @@ def train_reward(
 
     with partitioner.activate():
         result = trainer.run(create, abstract)
-    checkpointer.close()
-    metrics.close()
-    batches.close()
+    trainer.close()
     if result.preempted:  # normalised when the rerun finishes
         return result
 

@@ -41,6 +41,7 @@ class BatchSource(Protocol):
     def __next__(self) -> Mapping[str, np.ndarray]: ...
     def get_state(self) -> Mapping: ...
     def set_state(self, state: Mapping) -> None: ...
+    def close(self) -> None: ...
 
 
 EvalHook = Callable[[int, nnx.State], Mapping[str, float]]
@@ -165,6 +166,12 @@ class TrainLoop:
             self.metrics.flush()
         result.state, result.step = state, step
         return result
+
+    def close(self) -> None:
+        """Releases the checkpointer, the metrics files and the batch source after `run`."""
+        self.checkpointer.close()
+        self.metrics.close()
+        self.batches.close()
 
     # --- pieces ---------------------------------------------------------------------------
 

@@ -138,9 +138,7 @@ def train(
 
     with partitioner.activate():
         result = trainer.run(create, abstract_state)
-    checkpointer.close()
-    metrics.close()
-    batches.close()
+    trainer.close()
     if evaluations:
         last = max(evaluations)
         write_results(evaluations[last], model_dir, last, checkpoint=os.path.join(checkpointer.directory, str(last)))
