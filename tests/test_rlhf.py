@@ -279,3 +279,12 @@ def test_label_reward_ppo_sample_from_the_command_line(tmp_path, capsys):
     for row in out:
         assert len(row["candidates"]) == 3 and row["reward"] == max(row["rewards"])
         assert row["response"] == row["candidates"][int(np.argmax(row["rewards"]))]
+
+
+def test_a_ptx_coefficient_without_pretraining_data_is_refused(tmp_path):
+    from flanjax.rlhf.ppo import PPOConfigError, train_ppo
+    from flanjax.train.loop import LoopConfig
+
+    with pytest.raises(PPOConfigError, match="ptx_coef=1.0 but no pre-training data"):
+        train_ppo(model_dir=str(tmp_path), policy_checkpoint="sft", reward_checkpoint="rm", mixture_or_task_name="quickstart",
+                  batch_size=8, loop=LoopConfig(num_steps=1), ppo=PPOConfig(ptx_coef=1.0))  # fmt: skip

@@ -391,6 +391,11 @@ def train_ppo(
     prompts (`inputs`) of `mixture_or_task_name`; `loop.num_steps` iterations of `batch_size` prompts."""
     if batch_size % ppo.num_minibatches:
         raise PPOConfigError(f"batch_size {batch_size} does not split into {ppo.num_minibatches} minibatches; pick a multiple.")
+    if ppo.ptx_coef and ptx is None:
+        raise PPOConfigError(
+            f"ptx_coef={ppo.ptx_coef} but no pre-training data: bind ppo.train_ppo.ptx = @ppo.PtxConfig() "
+            "with its mixture_or_task_name and task_feature_lengths, or set ptx_coef to 0."
+        )
     partitioner = Partitioner.from_config(mesh)
     if (batch_size // ppo.num_minibatches) % partitioner.data_parallel_size:
         raise PPOConfigError(
