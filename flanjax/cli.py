@@ -241,20 +241,20 @@ def _import_modules(modules: list[str]) -> None:
 
 
 def cmd_label(args: argparse.Namespace, bindings: list[str]) -> int:
-    from flanjax.data.pipeline import task_prompts
+    from flanjax.data.pipeline import get_task_or_mixture
     from flanjax.rlhf import feedback, sampling
     from flanjax.sharding import Partitioner
 
     _import_modules(args.module)
     partitioner = Partitioner.from_config(_mesh(args.mesh))
-    prompts_vocab = task_prompts(args.task, args.split, 1)[2]
+    vocabulary = get_task_or_mixture(args.task).output_features["inputs"].vocabulary
     labelers = []
     for spec in args.labeler:
         kind, _, value = spec.partition(":")
         if kind == "rubric":
             labelers.append(feedback.RubricLabeler(feedback.load_rubric(value)))
         elif kind == "judge":
-            labelers.append(feedback.JudgeLabeler.from_run(value, prompts_vocab, partitioner))
+            labelers.append(feedback.JudgeLabeler.from_run(value, vocabulary, partitioner))
         elif kind == "human":
             labelers.append(feedback.HumanLabels(value))
         else:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flanjax.data.pipeline import decoder_prompt
 from flanjax.errors import FlanjaxError
 from flanjax.models.transformer import KVCache, TransformerConfig
 from flanjax.sharding import to_host
@@ -167,12 +168,12 @@ def generate_texts(
     batch_size: int = 64,
     seed: int = 0,
 ) -> list[str]:
-    """One continuation per prompt, as text (stop tokens dropped). A prompt is laid out as in
-    training (seqio's decoder inputs): a 0 then its last `prompt_len - 1` tokens. Batches are
-    padded to `batch_size`, a multiple of the data shards."""
+    """One continuation per prompt, as text (stop tokens dropped), each prompt laid out as in
+    training (`data.pipeline.decoder_prompt`). Batches are padded to `batch_size`, a multiple of
+    the data shards."""
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = [[0, *vocabulary.encode(p)[-(prompt_len - 1) :]] for p in prompts[start : start + batch_size]]
+        chunk = [decoder_prompt(vocabulary.encode(p), prompt_len) for p in prompts[start : start + batch_size]]
         tokens = np.zeros((batch_size, prompt_len), np.int32)
         lengths = np.ones(batch_size, np.int32)
         for i, ids in enumerate(chunk):

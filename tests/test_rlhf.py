@@ -96,10 +96,10 @@ def test_bad_comparisons_are_refused(record, message):
         parse(record, allow_ties=False, where="prefs.jsonl:3")
 
 
-def test_ranks_order_the_responses_and_ties_make_no_pair():
-    c = comparison("p", ["worst", "best", "middle", "also middle"], [2, 0, 1, 1])
+def test_ranks_order_the_responses_and_keep_ties():
+    c = comparison("p", ["worst", "best", "middle", "also middle"], [7, 5, 6, 6])
     assert c.responses == ("best", "middle", "also middle", "worst")
-    assert c.num_pairs == 5  # C(4,2) = 6 less the tie
+    assert c.ranks == (0, 1, 1, 2)
 
 
 def test_reward_model_without_normalisation_or_with_another_tokenizer(tmp_path):

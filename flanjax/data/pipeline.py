@@ -71,6 +71,15 @@ def text_examples(task_name: str, split: str = "train", n: int = 5) -> list[dict
 _TOKENIZERS = (seqio.preprocessors.tokenize, seqio.preprocessors.tokenize_and_append_eos)
 
 
+def decoder_prompt(ids, prompt_len: int):
+    """A prompt laid out as the model saw it in training (seqio's decoder inputs start every
+    example with 0): 0, then its last `prompt_len - 1` token ids. A list, or a tf.Tensor in a
+    tf.data map."""
+    if isinstance(ids, tf.Tensor):
+        return tf.concat([[0], ids[-(prompt_len - 1) :]], axis=0)
+    return [0, *ids[-(prompt_len - 1) :]]
+
+
 def task_prompts(name: str, split: str, n: int) -> tuple[list[str], list[str], seqio.Vocabulary]:
     """Up to `n` (prompt, reference) texts of a task, or spread over a mixture's tasks."""
     provider = get_task_or_mixture(name)

@@ -27,7 +27,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from flanjax.data.pipeline import SeqioBatches, get_task_or_mixture
+from flanjax.data.pipeline import SeqioBatches, decoder_prompt, get_task_or_mixture
 from flanjax.errors import FlanjaxError
 
 
@@ -50,12 +50,6 @@ class Comparison:
         if self.source:
             out["source"] = self.source
         return out
-
-    @property
-    def num_pairs(self) -> int:
-        """Ordered (better, worse) pairs: ties make none."""
-        r = np.asarray(self.ranks)
-        return int(np.sum(r[:, None] < r[None, :]))
 
 
 def comparison(prompt: str, responses: Sequence[str], ranks: Sequence[int] | None = None, *, margin: float = 0.0,
@@ -167,10 +161,10 @@ def add_preference_task(
 def _to_rows(ex: Mapping[str, tf.Tensor], prompt_len: int, response_len: int, max_responses: int, eos_id: int):
     """One example -> [max_responses, prompt_len + response_len] rows of prompt + response + EOS.
 
-    As seqio's decoder inputs (what the SFT model saw), a row starts with 0; the prompt keeps
-    its last `prompt_len - 1` tokens (those next to the response); a response keeps its first
-    tokens; responses beyond `max_responses` (the worst) are dropped."""
-    prompt = tf.concat([[0], ex["inputs"][-(prompt_len - 1) :]], axis=0)
+    The prompt is laid out as the SFT model saw it (`decoder_prompt`: 0, then its last tokens,
+    those next to the response); a response keeps its first tokens; responses beyond
+    `max_responses` (the worst) are dropped."""
+    prompt = decoder_prompt(ex["inputs"], prompt_len)
     responses = ex["responses"][:max_responses]
     k = tf.shape(responses)[0]
     ragged = tf.RaggedTensor.from_tensor(responses, padding=0)  # encode_tf pads with 0

@@ -35,7 +35,7 @@ import seqio
 import tensorflow as tf
 from flax import nnx
 
-from flanjax.data.pipeline import SeqioBatches, check_vocabulary, get_task_or_mixture
+from flanjax.data.pipeline import SeqioBatches, check_vocabulary, decoder_prompt, get_task_or_mixture
 from flanjax.decode import SamplingConfig, check_length, generate
 from flanjax.errors import FlanjaxError
 from flanjax.eval.run import INIT_FILE, read_model_config, resolve_checkpoint, write_model_config
@@ -100,8 +100,8 @@ class KLController(nnx.Module):
 
 @dataclasses.dataclass(eq=False)
 class PromptBatches(SeqioBatches):
-    """Prompts of a seqio task's `inputs`: `prompts` [b, P] (0 then the last P - 1 tokens,
-    right-padded) and `prompt_lengths` [b]. Pass `task_feature_lengths=None`."""
+    """Prompts of a seqio task's `inputs`: `prompts` [b, P] (`decoder_prompt`, right-padded) and
+    `prompt_lengths` [b]. Pass `task_feature_lengths=None`."""
 
     prompt_len: int = 64
 
@@ -109,7 +109,7 @@ class PromptBatches(SeqioBatches):
         return seqio.PassThroughFeatureConverter()
 
     def model_features(self, features: dict) -> dict:
-        prompt = tf.concat([[0], features["inputs"][-(self.prompt_len - 1) :]], axis=0)  # seqio's decoder layout
+        prompt = decoder_prompt(features["inputs"], self.prompt_len)
         n = tf.shape(prompt)[0]
         return {"prompts": tf.pad(prompt, [[0, self.prompt_len - n]]), "prompt_lengths": n}
 
@@ -316,9 +316,9 @@ def make_ppo_step(graphs: Graphs, abstract_state, *, reference, reward_fn: Rewar
 
     def step(state, batch):
         t0 = time.perf_counter()
-        iteration = int(jax.device_get(state[4]["iteration"][...]))
+        key = jax.random.fold_in(jax.random.key(seed), state[4]["iteration"][...])  # on device: no host sync
         generation = generate(graphs.policy, state[0], batch["prompts"], batch["prompt_lengths"],
-                              eos_id=eos_id, config=sampling, seed=jax.random.fold_in(jax.random.key(seed), iteration))  # fmt: skip
+                              eos_id=eos_id, config=sampling, seed=key)  # fmt: skip
         jax.block_until_ready(generation)
         t1 = time.perf_counter()
         rollout, metrics = scoring(state, reference, reward_params, batch, generation)

@@ -28,7 +28,7 @@ import optax
 import seqio
 from flax import nnx
 
-from flanjax.data.pipeline import get_task_or_mixture, task_prompts
+from flanjax.data.pipeline import decoder_prompt, get_task_or_mixture, task_prompts
 from flanjax.data.preferences import PreferenceBatches, add_preference_task
 from flanjax.data.vocab import DEFAULT_VOCABULARY, HFVocabulary
 from flanjax.decode import SamplingConfig, generate_texts
@@ -112,12 +112,12 @@ def make_reward_train_step(graphdef: nnx.GraphDef, seed: int = 0):
 
 
 def encode_responses(vocabulary, prompts: Sequence[str], responses: Sequence[str], prompt_len: int, response_len: int) -> dict[str, np.ndarray]:
-    """Rows laid out as `PreferenceBatches` lays them out: 0, the prompt's last `prompt_len - 1`
-    tokens, the response's first tokens, EOS; `tokens` [n, P + R] and `lengths` [n]."""
+    """Rows laid out as `PreferenceBatches` lays them out: the prompt (`decoder_prompt`), the
+    response's first tokens, EOS; `tokens` [n, P + R] and `lengths` [n]."""
     tokens = np.zeros((len(prompts), prompt_len + response_len), np.int32)
     lengths = np.zeros(len(prompts), np.int32)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        row = [0, *vocabulary.encode(p)[-(prompt_len - 1) :], *(vocabulary.encode(r) + [vocabulary.eos_id])[:response_len]]
+        row = decoder_prompt(vocabulary.encode(p), prompt_len) + (vocabulary.encode(r) + [vocabulary.eos_id])[:response_len]
         tokens[i, : len(row)], lengths[i] = row, len(row)
     return {"tokens": tokens, "lengths": lengths}
 
@@ -135,9 +135,6 @@ class RewardModel:
     partitioner: Partitioner
     prompt_len: int  # the layout it was trained on
     response_len: int
-
-    def score_tokens(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
-        return _normalised_scores(self.graphdef, self.state, tokens, lengths, self.shift, self.scale)
 
     def scores(self, vocabulary, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Normalised rewards of (prompt, response) texts."""
@@ -247,7 +244,7 @@ def train_reward(
         raise RewardModelError("give the comparisons as exactly one of `preferences` (a directory) or `mixture_or_task_name`.")
     name = mixture_or_task_name or preference_task(preferences, allow_ties=allow_ties)
     task = get_task_or_mixture(name)
-    vocabulary = next(iter(task.output_features.values())).vocabulary
+    vocabulary = task.output_features["inputs"].vocabulary
     partitioner = Partitioner.from_config(mesh)
     per_process = partitioner.per_process_batch_size(batch_size)
     shape = dict(prompt_len=prompt_len, response_len=response_len, max_responses=max_responses)
