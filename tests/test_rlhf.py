@@ -100,6 +100,7 @@ def test_ranks_order_the_responses_and_keep_ties():
     c = comparison("p", ["worst", "best", "middle", "also middle"], [7, 5, 6, 6])
     assert c.responses == ("best", "middle", "also middle", "worst")
     assert c.ranks == (0, 1, 1, 2)
+    assert c.num_pairs == 5  # C(4,2) = 6 less the tie
 
 
 def test_reward_model_without_normalisation_or_with_another_tokenizer(tmp_path):

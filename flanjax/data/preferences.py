@@ -51,6 +51,12 @@ class Comparison:
             out["source"] = self.source
         return out
 
+    @property
+    def num_pairs(self) -> int:
+        """Ordered (better, worse) pairs: ties make none."""
+        r = np.asarray(self.ranks)
+        return int(np.sum(r[:, None] < r[None, :]))
+
 
 def comparison(prompt: str, responses: Sequence[str], ranks: Sequence[int] | None = None, *, margin: float = 0.0,
                source: str = "", allow_ties: bool = True, where: str = "comparison") -> Comparison:  # fmt: skip
