@@ -16,27 +16,22 @@ import numpy as np
 import optax
 from flax import nnx
 
-from flanjax.decode import SamplingConfig, generate, score
+from flanjax.decode import SamplingConfig, decoder_features, generate, score
 from flanjax.models.heads import ScoreModel
 from flanjax.models.transformer import Transformer, TransformerConfig
 from flanjax.rlhf.kl import KLConfig
-from flanjax.rlhf.ppo import Graphs, PPOConfig, make_ppo_step, ppo_init
+from flanjax.rlhf.ppo import Graphs, PPOConfig, PPOStep, ppo_init
 from flanjax.rlhf.reward import sequence_scores
 from flanjax.sharding import MeshConfig, Partitioner
 from flanjax.train import throughput
-from flanjax.train.steps import compile_lm_train_step, lm_init
+from flanjax.train.losses import lm_loss
+from flanjax.train.steps import lm_init, make_train_step
+from flanjax.train.trainer import jit_step
 
 
 def synthetic_lm_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(1, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
-    return {
-        "decoder_input_tokens": tokens[:, :-1],
-        "decoder_target_tokens": tokens[:, 1:],
-        "decoder_loss_weights": np.ones((batch_size, seq_len), np.int32),
-        "decoder_segment_ids": np.ones((batch_size, seq_len), np.int32),
-        "decoder_positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy(),
-    }
+    tokens = np.random.default_rng(seed).integers(1, vocab_size, (batch_size, seq_len), dtype=np.int32)
+    return decoder_features(tokens, np.ones((batch_size, seq_len), np.float32))
 
 
 def bench_train(
@@ -53,12 +48,13 @@ def bench_train(
     partitioner = Partitioner.from_config(mesh)
     init = lm_init(config, optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1))
     graphdef, abstract = partitioner.abstract_state(init)
-    step = compile_lm_train_step(partitioner, graphdef, abstract)
     batch = partitioner.shard_batch(synthetic_lm_batch(batch_size, seq_len, config.vocab_size))
     times = []
     with partitioner.activate():
         state = partitioner.create(init, abstract)
         compile_start = time.perf_counter()
+        spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}
+        step = jit_step(make_train_step(graphdef, lm_loss()), abstract, spec)
         for i in range(warmup + steps):
             start = time.perf_counter()
             state, metrics = step(state, batch)
@@ -266,8 +262,8 @@ def bench_ppo(
         reward_def, reward_abstract = partitioner.abstract_state(lambda: ScoreModel(config, rngs=nnx.Rngs(1)))
         reward = partitioner.create(lambda: ScoreModel(config, rngs=nnx.Rngs(1)), reward_abstract)
         state = partitioner.create(init, abstract)
-        step = make_ppo_step(
-            Graphs(state_def, plain_def, plain_def), abstract, reference=reference,
+        step = PPOStep(
+            Graphs(state_def, plain_def, plain_def), abstract, partitioner, reference=reference,
             reward_fn=lambda params, tokens, lengths: sequence_scores(nnx.merge(reward_def, params), tokens, lengths),
             reward_params=reward, sampling=SamplingConfig(max_new_tokens=new_tokens, temperature=1.0),
             eos_id=-1, config=PPOConfig(), kl=KLConfig(),

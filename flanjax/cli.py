@@ -95,7 +95,7 @@ def _call_configured(args: argparse.Namespace, bindings: list[str], target, befo
 
 
 TRAINERS = {  # the TRAINER macro of a run file picks one; the loop is the same
-    "lm": ("flanjax.train.run", "train"),
+    "lm": ("flanjax.train.lm", "train"),
     "reward": ("flanjax.rlhf.reward", "train_reward"),
     "ppo": ("flanjax.rlhf.ppo", "train_ppo"),
 }

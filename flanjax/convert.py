@@ -6,7 +6,7 @@
 
 A converted run directory holds an Orbax checkpoint of the weights (step 0), `model.json`,
 the source's `hf_config.json`, its tokenizer (`tokenizer/`) and `model.gin`, which binds the
-model, `run.train.init_checkpoint` and the tokenizer: including it is enough to train from it.
+model, `lm.train.init_checkpoint` and the tokenizer: including it is enough to train from it.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import shutil
 import jax
 from flax import nnx
 
-from flanjax.eval.run import INIT_FILE, resolve_checkpoint, restore, write_model_config
+from flanjax.rundir.files import read_init_checkpoint, resolve_checkpoint, restore, write_model_config
 from flanjax.models import hf
 from flanjax.models.lora import remove_lora
 from flanjax.models.transformer import TransformerConfig
 from flanjax.sharding import MeshConfig, Partitioner
-from flanjax.train.checkpoint import Checkpointer, CheckpointConfig
+from flanjax.rundir.checkpoint import Checkpointer, CheckpointConfig
 
 HF_CONFIG_FILE = "hf_config.json"  # the Hugging Face config a run descends from
 TOKENIZER_DIR = "tokenizer"
@@ -61,7 +61,7 @@ def from_hf(
         if add_tokens:
             model = hf.add_tokens(model, tokenizer, list(add_tokens), partitioner)
     checkpointer = Checkpointer(run_dir, CheckpointConfig(async_save=False))
-    checkpointer.save(0, {0: nnx.to_pure_dict(nnx.state(model))})  # the training layout: (model, optimizer)
+    checkpointer.save(0, {"model": nnx.to_pure_dict(nnx.state(model))})  # the trained state's `model`, alone
     checkpointer.close()
     if jax.process_index() == 0:
         write_model_config(run_dir, model.config)
@@ -85,13 +85,13 @@ def model_gin(config: TransformerConfig, run_dir: str, source: str, tokenizer: b
         "from __gin__ import dynamic_registration",
         "from flanjax.data import vocab",
         "from flanjax.models import transformer",
-        "from flanjax.train import run",
+        "from flanjax.train import lm",
         "",
         "MODEL = @transformer.TransformerConfig()",
         "transformer.TransformerConfig:",
         *fields,
         "",
-        f"run.train.init_checkpoint = {run_dir!r}",
+        f"lm.train.init_checkpoint = {run_dir!r}",
     ]
     if tokenizer:
         lines += [f"TOKENIZER = {os.path.join(run_dir, TOKENIZER_DIR)!r}", "vocab.default_tokenizer.path = %TOKENIZER"]
@@ -106,11 +106,7 @@ def _origin(run_dir: str) -> str | None:
         seen.add(run_dir)
         if os.path.exists(os.path.join(run_dir, HF_CONFIG_FILE)):
             return run_dir
-        init = os.path.join(run_dir, INIT_FILE)
-        if not os.path.exists(init):
-            return None
-        with open(init) as f:
-            run_dir = f.read().strip()
+        run_dir = read_init_checkpoint(run_dir)
     return None
 
 

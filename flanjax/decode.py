@@ -1,5 +1,10 @@
 """Sampling and scoring with the model, entirely on the device.
 
+Imports only `models` and `sharding` (no TensorFlow, no seqio), so planners and servers can
+sample with it. It also owns the token layouts both calls read: a prompt as the model saw
+it in training (`decoder_prompt`) and seqio's decoder features built from NumPy rows
+(`decoder_features`).
+
 `generate` continues a batch of prompts with the KV cache inside one `jax.lax.while_loop`
 (no Python per token): greedy, or temperature sampling with top-k / top-p filtering,
 stopping each row at EOS or any extra stop token. `score` returns the log-likelihood of
@@ -18,17 +23,53 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
-from flanjax.data.pipeline import decoder_prompt
 from flanjax.errors import FlanjaxError
 from flanjax.models.transformer import KVCache, TransformerConfig
-from flanjax.sharding import to_host
-from flanjax.train.objectives import token_log_likelihoods
 
 
 class SequenceTooLongError(FlanjaxError, ValueError):
     pass
+
+
+# --- token layouts ----------------------------------------------------------------------------
+
+
+def decoder_prompt(ids, prompt_len: int) -> list[int]:
+    """A prompt laid out as the model saw it in training (seqio's decoder inputs start every
+    example with 0): 0, then its last `prompt_len - 1` token ids. (`data.pipeline` has the
+    same layout for tf.data.)"""
+    return [0, *ids[-(prompt_len - 1) :]]
+
+
+def decoder_features(tokens: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """seqio's unpacked decoder features (see `data.pipeline`) of rows of `tokens` [n, t]
+    (0 = padding), scoring the tokens where `weights` [n, t] > 0."""
+    tokens = np.asarray(tokens, np.int32)
+    inputs = np.zeros_like(tokens)
+    inputs[:, 1:] = tokens[:, :-1]  # shifted right: 0 starts the example
+    return {
+        "decoder_input_tokens": inputs,
+        "decoder_target_tokens": tokens,
+        "decoder_loss_weights": np.asarray(weights, np.float32),
+        "decoder_segment_ids": (tokens != 0).astype(np.int32),
+        "decoder_positions": np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape).copy(),
+    }
+
+
+def token_log_likelihoods(
+    logits: jax.Array,  # [b, t, v]
+    targets: jax.Array,  # [b, t]
+    weights: jax.Array,  # [b, t]; 0 where a token is not scored
+) -> jax.Array:
+    """log p(target | prefix) of each scored token (float32), 0 elsewhere: [b, t]."""
+    log_p = -optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.where(weights > 0, log_p, 0.0)
+
+
+# --- sampling ---------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,22 +210,22 @@ def generate_texts(
     seed: int = 0,
 ) -> list[str]:
     """One continuation per prompt, as text (stop tokens dropped), each prompt laid out as in
-    training (`data.pipeline.decoder_prompt`). Batches are padded to `batch_size`, a multiple of
-    the data shards."""
-    out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [decoder_prompt(vocabulary.encode(p), prompt_len) for p in prompts[start : start + batch_size]]
-        tokens = np.zeros((batch_size, prompt_len), np.int32)
-        lengths = np.ones(batch_size, np.int32)
-        for i, ids in enumerate(chunk):
-            tokens[i, : len(ids)], lengths[i] = ids, len(ids)
-        with partitioner.activate():
-            batch = partitioner.shard_global_batch({"tokens": tokens, "lengths": lengths})
-            gen = generate(graphdef, state, batch["tokens"], batch["lengths"], eos_id=vocabulary.eos_id,
-                           config=config, seed=jax.random.fold_in(jax.random.key(seed), start))  # fmt: skip
-        new, counts = to_host(gen.tokens), to_host(gen.lengths)
-        stops = {vocabulary.eos_id, *config.stop_tokens}
-        for i in range(len(chunk)):
-            row = [int(t) for t in new[i, : counts[i]] if int(t) not in stops]
-            out.append(vocabulary.decode(row))
-    return out
+    training (`decoder_prompt`). Batches are padded to `batch_size`, a multiple of the data
+    shards."""
+    if not prompts:
+        return []
+    tokens = np.zeros((len(prompts), prompt_len), np.int32)
+    lengths = np.zeros(len(prompts), np.int32)
+    for i, prompt in enumerate(prompts):
+        ids = decoder_prompt(vocabulary.encode(prompt), prompt_len)
+        tokens[i, : len(ids)], lengths[i] = ids, len(ids)
+
+    def sample(batch, start):
+        key = jax.random.fold_in(jax.random.key(seed), start)
+        gen = generate(graphdef, state, batch["tokens"], jnp.maximum(batch["lengths"], 1), eos_id=vocabulary.eos_id,
+                       config=config, seed=key)  # fmt: skip
+        return gen.tokens, gen.lengths
+
+    new, counts = partitioner.map_batches(sample, {"tokens": tokens, "lengths": lengths}, batch_size)
+    stops = {vocabulary.eos_id, *config.stop_tokens}
+    return [vocabulary.decode([int(t) for t in row[:n] if int(t) not in stops]) for row, n in zip(new, counts)]

@@ -230,6 +230,22 @@ class Partitioner:
         start = jax.process_index() * share
         return self.shard_batch({k: np.asarray(v)[start : start + share] for k, v in batch.items()})
 
+    def map_batches(self, fn: Callable[[dict[str, jax.Array], int], Any], rows: Mapping[str, np.ndarray], batch_size: int) -> Any:
+        """`fn(batch, start)` over `rows` (arrays with a leading row axis, held whole by every
+        process) in global batches of `batch_size` rows starting at row `start`, the last one
+        padded with zero rows; `fn` runs on the mesh. Its outputs (a pytree of arrays with a
+        leading row axis) come back to every host without the padding, concatenated."""
+        n = len(next(iter(rows.values())))
+        outputs = []
+        for start in range(0, n, batch_size):
+            chunk = {k: np.asarray(v[start : start + batch_size]) for k, v in rows.items()}
+            m = len(next(iter(chunk.values())))
+            padded = {k: np.concatenate([v, np.zeros((batch_size - m, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
+            with self.activate():
+                out = fn(self.shard_global_batch(padded), start)
+            outputs.append(jax.tree.map(lambda x: to_host(x)[:m], out))
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+
     def per_process_batch_size(self, global_batch_size: int) -> int:
         if global_batch_size % self.data_parallel_size:
             raise MeshError(

@@ -37,7 +37,7 @@ import tensorflow as tf
 from flanjax.data.templates import Template, check_templates, templates_preprocessor
 from flanjax.data.vocab import HFVocabulary, train_tokenizer
 from flanjax.eval.metrics import exact_match
-from flanjax.eval.rank_classification import rank_classification, rank_classification_metric, rank_classification_targets
+from flanjax.data.rank_classification import rank_classification, rank_classification_metric, rank_classification_targets
 
 NUM_EXAMPLES = {"train": 20_000, "validation": 200}
 HELD_OUT_BUCKETS = 10  # one problem in ten is reserved for validation

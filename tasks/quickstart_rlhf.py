@@ -46,7 +46,7 @@ def rubric_score(policy: str, num_prompts: int = 300, samples: int = 4, seed: in
 
 
 def report(run_dir: str = "runs/quickstart_rlhf", sft: str = "runs/quickstart") -> dict:
-    from flanjax.train.metrics import read_metrics
+    from flanjax.rundir.metrics import read_metrics
 
     rm = [r for r in read_metrics(os.path.join(run_dir, "reward", "metrics.jsonl")) if "validation/pair_accuracy" in r]
     ppo = [r for r in read_metrics(os.path.join(run_dir, "ppo", "metrics.jsonl")) if "kl" in r]

@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from flanjax import cli
-from flanjax.train.metrics import read_metrics
+from flanjax.rundir.metrics import read_metrics
 
 TINY_RUN = ["--gin_file=tests/tiny_run.gin"]
 
@@ -129,7 +129,7 @@ def test_every_run_config_trains(path, tmp_path):
     if os.path.basename(path).startswith("flan_"):  # offline: TFDS mock data, a tiny model
         args += ["--gin_file=configs/models/tiny.gin", f"--gin.TOKENIZER={os.environ['FLANJAX_TOKENIZER']}",
                  "--gin.TASK_FEATURE_LENGTHS={'inputs': 96, 'targets': 32}",
-                 "--gin.run.train.shuffle=False",  # mock examples are slow to make: no shuffle buffers
+                 "--gin.lm.train.shuffle=False",  # mock examples are slow to make: no shuffle buffers
                  # mock_data swaps in a fake file system while it builds a dataset: keep saves synchronous
                  "--gin.checkpoint.CheckpointConfig.async_save=False",
                  "--gin.MIXTURE_OR_TASK_NAME='flan_sentiment_train'"]  # fmt: skip  (test_flan checks the big mixtures)
@@ -261,7 +261,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
 
 KILL_DURING_SAVE = """
 import sys, numpy as np, jax.numpy as jnp
-from flanjax.train.checkpoint import Checkpointer, CheckpointConfig
+from flanjax.rundir.checkpoint import Checkpointer, CheckpointConfig
 ckpt = Checkpointer(sys.argv[1], CheckpointConfig(keep=None, async_save=False))
 for step in range(1, 1000):
     ckpt.save(step, {"w": jnp.full((4_000_000,), float(step))}, {"position": step})
@@ -273,7 +273,7 @@ def test_kill_during_a_save_leaves_no_checkpoint_to_mistake_for_good(tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from flanjax.train.checkpoint import Checkpointer
+    from flanjax.rundir.checkpoint import Checkpointer
 
     proc = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, str(tmp_path)])
     ckpts = tmp_path / "checkpoints"

@@ -16,11 +16,11 @@ import pytest
 from flax import nnx
 
 from flanjax import cli, convert
-from flanjax.eval.run import read_lora_config, read_model_config
 from flanjax.models import hf
+from flanjax.models.transformer import new_model
+from flanjax.rundir.checkpoint import Checkpointer
+from flanjax.rundir.files import read_lora_config, read_model_config
 from flanjax.sharding import MeshConfig, Partitioner
-from flanjax.train.checkpoint import Checkpointer
-from flanjax.train.steps import new_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -80,7 +80,7 @@ def test_from_hf_train_with_lora_and_back(hf_dir, tmp_path, repo_root, monkeypat
     np.testing.assert_allclose(embed[old_len:], np.broadcast_to(source["model.embed_tokens.weight"].mean(0), embed[old_len:].shape), atol=1e-7)
     np.testing.assert_allclose(head[:, old_len:].T, np.broadcast_to(source["lm_head.weight"].mean(0), head[:, old_len:].T.shape), atol=1e-7)
     gin_text = open(os.path.join(converted, "model.gin")).read()
-    assert "run.train.init_checkpoint" in gin_text and "vocab.default_tokenizer.path" in gin_text
+    assert "lm.train.init_checkpoint" in gin_text and "vocab.default_tokenizer.path" in gin_text
 
     # LoRA training from the converted weights: the base stays bit-identical, adapters move.
     tuned = str(tmp_path / "tuned")

@@ -16,7 +16,7 @@ from flanjax.data.templates import templates_preprocessor
 from flanjax.decode import SequenceTooLongError
 from flanjax.eval.evaluator import EvalConfig, EvalError, Evaluator
 from flanjax.eval.metrics import exact_match
-from flanjax.eval.rank_classification import rank_classification, rank_classification_metric, rank_classification_targets
+from flanjax.data.rank_classification import rank_classification, rank_classification_metric, rank_classification_targets
 from flanjax.models.transformer import Transformer, TransformerConfig
 from flanjax.sharding import MeshConfig, Partitioner
 

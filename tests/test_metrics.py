@@ -1,4 +1,4 @@
-"""Tests of flanjax's evaluation metrics (flanjax.eval.metrics, flanjax.eval.rank_classification).
+"""Tests of flanjax's evaluation metrics (flanjax.eval.metrics, flanjax.data.rank_classification).
 
 Expected values come from T5's own metric functions, preprocessor and postprocessor
 (`t5.evaluation.metrics`, `t5.data.preprocessors`, `t5.data.postprocessors`): the
@@ -19,7 +19,7 @@ import t5.evaluation.metrics as t5_metrics
 import tensorflow as tf
 
 from flanjax.eval import metrics
-from flanjax.eval.rank_classification import (
+from flanjax.data.rank_classification import (
     rank_classification,
     rank_classification_metric,
     rank_classification_targets,

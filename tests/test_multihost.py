@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from flanjax.cli import REPO_ROOT
-from flanjax.train.metrics import read_metrics
+from flanjax.rundir.metrics import read_metrics
 
 # Unpacked, unshuffled and without dropout, each global batch holds the same examples however
 # the processes split it: process i reads every other example (its seqio shard).
@@ -18,8 +18,8 @@ RUN = [
     "--gin.MIXTURE_OR_TASK_NAME=quickstart_sort",
     "--gin.TRAIN_STEPS=6",
     "--gin.BATCH_SIZE=16",
-    "--gin.run.train.pack=False",
-    "--gin.run.train.shuffle=False",
+    "--gin.lm.train.pack=False",
+    "--gin.lm.train.shuffle=False",
     "--gin.loop.LoopConfig.log_every=1",
     "--gin.checkpoint.CheckpointConfig.every_steps=3",
 ]

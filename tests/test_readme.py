@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from flanjax import cli
-from flanjax.train.metrics import read_metrics
+from flanjax.rundir.metrics import read_metrics
 
 README = os.path.join(cli.REPO_ROOT, "README.md")
 

@@ -15,12 +15,11 @@ from flax import nnx
 from flanjax.data.preferences import PreferenceDataError, comparison, parse
 from flanjax.decode import SamplingConfig
 from flanjax.models.heads import ScoreModel
-from flanjax.models.transformer import Transformer, TransformerConfig
+from flanjax.models.transformer import Transformer, TransformerConfig, new_model
 from flanjax.rlhf.kl import KLConfig
-from flanjax.rlhf.ppo import Graphs, PPOConfig, concat_responses, make_ppo_step, ppo_init
+from flanjax.rlhf.ppo import Graphs, PPOConfig, PPOStep, concat_responses, ppo_init
 from flanjax.rlhf.reward import RewardModelError, pairwise_loss, sequence_scores
 from flanjax.sharding import MeshConfig, Partitioner, make_mesh
-from flanjax.train.steps import new_model
 
 TINY = TransformerConfig(vocab_size=16, d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, d_ff=64, max_len=16)
 
@@ -53,7 +52,7 @@ def test_kwise_loss_is_the_mean_over_enumerated_pairs():
             pairs += len(losses)
     got = jax.device_get(pairwise_loss(jnp.asarray(rewards), jnp.asarray(ranks), jnp.asarray(valid), jnp.asarray(margin)))
     np.testing.assert_allclose(got["loss_sum"], loss_sum, rtol=1e-5)
-    assert (got["weight_sum"], got["correct_sum"], got["pair_sum"]) == (prompts, correct, pairs)
+    assert (got["weight_sum"], got["pairs_right_sum"], got["pair_sum"]) == (prompts, correct, pairs)
 
 
 def test_kwise_gradient_is_k_forward_passes_of_one_prompt():
@@ -105,7 +104,7 @@ def test_ranks_order_the_responses_and_keep_ties():
 
 def test_reward_model_without_normalisation_or_with_another_tokenizer(tmp_path):
     from flanjax.data.vocab import HFVocabulary, train_tokenizer
-    from flanjax.eval.run import write_model_config
+    from flanjax.rundir.files import write_model_config
     from flanjax.rlhf.reward import REWARD_FILE, load_reward_model
 
     run = tmp_path / "rm"
@@ -147,8 +146,8 @@ def ppo_setup(partitioner, *, config=PPOConfig(), kl=KLConfig(init_beta=0.0), tx
     state = partitioner.create(init, abstract, reference)
     policy_def = nnx.split(nnx.eval_shape(lambda: new_model(TINY, lora)))[0]
     table = jnp.zeros(TINY.vocab_size).at[BEST].set(1.0).at[3].set(0.5)
-    step = make_ppo_step(
-        Graphs(state_def, policy_def, plain_def), abstract, reference=reference, reward_fn=bandit_reward,
+    step = PPOStep(
+        Graphs(state_def, policy_def, plain_def), abstract, partitioner, reference=reference, reward_fn=bandit_reward,
         reward_params=table, sampling=SamplingConfig(max_new_tokens=1, temperature=1.0), eos_id=1,
         config=config, kl=kl, seed=seed,
     )  # fmt: skip
@@ -172,7 +171,7 @@ def test_ppo_solves_a_bandit():
 
         def best_probability(state):
             rows = partitioner.shard_batch({"x": np.tile([[0, 5]], (8, 1)), "p": np.tile([[0, 1]], (8, 1)), "s": np.ones((8, 2), np.int32)})
-            logits = nnx.merge(policy_def, state[0])(rows["x"], rows["p"], rows["s"])[0]
+            logits = nnx.merge(policy_def, state["model"])(rows["x"], rows["p"], rows["s"])[0]
             return float(jax.nn.softmax(logits[0, -1])[BEST])
 
         start = best_probability(state)
@@ -183,7 +182,7 @@ def test_ppo_solves_a_bandit():
     assert start < 0.2
     assert best_probability(state) > 0.9
     assert np.mean(rewards[-5:]) > 0.85 > np.mean(rewards[:5])
-    assert float(state[4]["iteration"][...]) == 40
+    assert float(state["controller"]["iteration"][...]) == 40
 
 
 def test_sharded_ppo_step_equals_single_device():
@@ -213,15 +212,15 @@ def test_lora_policy_trains_its_adapters_only_and_ema_follows():
         before = jax.device_get(nnx.to_pure_dict(state))
         state, _ = step(state, bandit_batch(partitioner, 16))
         after = jax.device_get(nnx.to_pure_dict(state))
-    policy_before, policy_after = before[0], after[0]
+    policy_before, policy_after = before["model"], after["model"]
     changed = jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda a, b: bool(np.any(a != b)), policy_before, policy_after))[0]
     moved = {"/".join(str(getattr(k, "key", k)) for k in path) for path, c in changed if c}
     assert moved and all("lora_" in name for name in moved), moved
-    # EMA (index 5) moved halfway towards the new adapters.
+    # The EMA moved halfway towards the new adapters.
     for name in moved:
         keys = name.split("/")
         get = lambda tree: functools.reduce(lambda t, k: t[int(k) if k.isdigit() and k not in t else k], keys, tree)  # noqa: E731
-        np.testing.assert_allclose(get(after[5]), 0.5 * get(before[5]) + 0.5 * get(policy_after), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(get(after["ema"]), 0.5 * get(before["ema"]) + 0.5 * get(policy_after), rtol=1e-5, atol=1e-7)
 
 
 # --- the command line, end to end ---------------------------------------------------------------
@@ -233,7 +232,7 @@ def test_label_reward_ppo_sample_from_the_command_line(tmp_path, capsys):
     import gin
 
     from flanjax import cli
-    from flanjax.train.metrics import read_metrics
+    from flanjax.rundir.metrics import read_metrics
 
     def main(args):
         gin.clear_config(clear_constants=True)

@@ -71,13 +71,9 @@ def text_examples(task_name: str, split: str = "train", n: int = 5) -> list[dict
 _TOKENIZERS = (seqio.preprocessors.tokenize, seqio.preprocessors.tokenize_and_append_eos)
 
 
-def decoder_prompt(ids, prompt_len: int):
-    """A prompt laid out as the model saw it in training (seqio's decoder inputs start every
-    example with 0): 0, then its last `prompt_len - 1` token ids. A list, or a tf.Tensor in a
-    tf.data map."""
-    if isinstance(ids, tf.Tensor):
-        return tf.concat([[0], ids[-(prompt_len - 1) :]], axis=0)
-    return [0, *ids[-(prompt_len - 1) :]]
+def decoder_prompt_tf(ids: tf.Tensor, prompt_len: int) -> tf.Tensor:
+    """`flanjax.decode.decoder_prompt` in a tf.data map: 0, then the last `prompt_len - 1` ids."""
+    return tf.concat([[0], ids[-(prompt_len - 1) :]], axis=0)
 
 
 def task_prompts(name: str, split: str, n: int) -> tuple[list[str], list[str], seqio.Vocabulary]:
@@ -179,6 +175,12 @@ class SeqioBatches:
         ds = ds.batch(self.batch_size, drop_remainder=True)
         return ds.skip(self.position).prefetch(tf.data.AUTOTUNE)
 
+    def element_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and dtypes of this process's batches. Builds the pipeline, so a missing
+        dataset fails here, before a trainer compiles anything."""
+        spec = self.dataset().element_spec
+        return {k: jax.ShapeDtypeStruct(tuple(s.shape), s.dtype.as_numpy_dtype) for k, s in spec.items()}
+
     # Subclasses for other models (e.g. the reward model's comparisons) override these two.
     def feature_converter(self) -> seqio.FeatureConverter:
         return decoder_converter(self.pack)
@@ -196,7 +198,7 @@ class SeqioBatches:
         self.position += 1
         return batch
 
-    # Checkpointed beside the model (see flanjax.train.checkpoint).
+    # Checkpointed beside the model (see flanjax.rundir.checkpoint).
     def get_state(self) -> dict:
         return {"source": self.mixture_or_task_name, "split": self.split, "seed": self.seed, "position": self.position}
 

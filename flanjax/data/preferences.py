@@ -27,7 +27,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from flanjax.data.pipeline import SeqioBatches, decoder_prompt, get_task_or_mixture
+from flanjax.data.pipeline import SeqioBatches, decoder_prompt_tf, get_task_or_mixture
 from flanjax.errors import FlanjaxError
 
 
@@ -167,10 +167,10 @@ def add_preference_task(
 def _to_rows(ex: Mapping[str, tf.Tensor], prompt_len: int, response_len: int, max_responses: int, eos_id: int):
     """One example -> [max_responses, prompt_len + response_len] rows of prompt + response + EOS.
 
-    The prompt is laid out as the SFT model saw it (`decoder_prompt`: 0, then its last tokens,
+    The prompt is laid out as the SFT model saw it (`decoder_prompt_tf`: 0, then its last tokens,
     those next to the response); a response keeps its first tokens; responses beyond
     `max_responses` (the worst) are dropped."""
-    prompt = decoder_prompt(ex["inputs"], prompt_len)
+    prompt = decoder_prompt_tf(ex["inputs"], prompt_len)
     responses = ex["responses"][:max_responses]
     k = tf.shape(responses)[0]
     ragged = tf.RaggedTensor.from_tensor(responses, padding=0)  # encode_tf pads with 0
@@ -178,13 +178,14 @@ def _to_rows(ex: Mapping[str, tf.Tensor], prompt_len: int, response_len: int, ma
     rows = tf.concat([tf.tile(prompt[None], [k, 1]), with_eos], axis=1)
     width = prompt_len + response_len
     pad_k = max_responses - k
-    return {
+    features = {
         "tokens": tf.pad(rows.to_tensor(shape=[k, width]), [[0, pad_k], [0, 0]]),
         "lengths": tf.pad(tf.cast(rows.row_lengths(), tf.int32), [[0, pad_k]]),
-        "response_starts": tf.fill([max_responses], tf.shape(prompt)[0]),
         "ranks": tf.pad(ex["ranks"][:max_responses], [[0, pad_k]], constant_values=np.iinfo(np.int32).max),
         "margin": ex["margin"],
     }
+    shapes = {"tokens": [max_responses, width], "lengths": [max_responses], "ranks": [max_responses], "margin": []}
+    return {name: tf.ensure_shape(v, shapes[name]) for name, v in features.items()}  # static: trainers compile ahead
 
 
 @dataclasses.dataclass(eq=False)
@@ -193,7 +194,6 @@ class PreferenceBatches(SeqioBatches):
 
         tokens           [b, K, P + R]  0, prompt, response, EOS; 0-padded
         lengths          [b, K]         tokens in each row (0: no response in this slot)
-        response_starts  [b, K]         where each response begins
         ranks            [b, K]         0 = best; int32 max in empty slots
         margin           [b]
 

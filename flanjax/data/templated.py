@@ -50,7 +50,7 @@ from flanjax.data import fewshot
 from flanjax.data.templates import Template, TemplateError, check_templates, templates_preprocessor
 from flanjax.data.vocab import DEFAULT_VOCABULARY
 from flanjax.errors import FlanjaxError
-from flanjax.eval.rank_classification import rank_classification, rank_classification_metric, rank_classification_targets
+from flanjax.data.rank_classification import rank_classification, rank_classification_metric, rank_classification_targets
 
 FLAN_CLUSTERS = (
     "nli",

@@ -9,24 +9,25 @@ functions seqio asks for, both running sharded on the mesh:
 
 A task is evaluated by generation when its metrics take `(targets, predictions)` and by
 scoring when they take `(targets, scores)` (rank classification: one row per option, see
-`flanjax.eval.rank_classification`). The same `Evaluator` runs from `flanjax eval` and as
+`flanjax.data.rank_classification`). The same `Evaluator` runs from `flanjax eval` and as
 the training loop's periodic evaluation hook.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
+import jax.numpy as jnp
 import numpy as np
 import seqio
 from flax import nnx
 
 from flanjax.data.pipeline import decoder_converter, get_task_or_mixture
-from flanjax.decode import SamplingConfig, SequenceTooLongError, check_length, generate, score
+from flanjax.decode import SamplingConfig, SequenceTooLongError, check_length, decoder_features, generate, score
 from flanjax.errors import FlanjaxError
 from flanjax.models.transformer import TransformerConfig
-from flanjax.sharding import Partitioner, to_host
+from flanjax.sharding import Partitioner
 
 
 class EvalError(FlanjaxError, ValueError):
@@ -135,43 +136,33 @@ class Evaluator:
 
     def _predict(self, ds, model_state: nnx.State) -> list[tuple[int, list[int]]]:
         width, sampling, eos_id = self._generation[id(ds)]
-        out = []
-        for indices, batch in self._batches(list(ds.as_numpy_iterator())):
-            lengths = batch["decoder_causal_attention"].sum(axis=1).astype(np.int32)
-            prompts = np.where(np.arange(width) < lengths[:, None], batch["decoder_input_tokens"][:, :width], 0)
-            local = self.partitioner.shard_global_batch({"prompts": prompts, "lengths": np.maximum(lengths, 1)})
-            generation = generate(
-                self.graphdef, model_state, local["prompts"], local["lengths"],
-                eos_id=eos_id, config=sampling, seed=self.config.seed,
-            )  # fmt: skip
-            # Whole rows (0 after each stop token): seqio stacks them and cuts at EOS itself.
-            tokens = to_host(generation.tokens)
-            out += [(i, row.tolist()) for i, row in zip(indices, tokens) if i >= 0]
-        return out
+        indices, rows = self._rows(ds)
+        lengths = rows["decoder_causal_attention"].sum(axis=1).astype(np.int32)
+        prompts = np.where(np.arange(width) < lengths[:, None], rows["decoder_input_tokens"][:, :width], 0)
+
+        def predict(batch, _):
+            return generate(self.graphdef, model_state, batch["prompts"], jnp.maximum(batch["lengths"], 1),
+                            eos_id=eos_id, config=sampling, seed=self.config.seed).tokens  # fmt: skip
+
+        # Whole rows (0 after each stop token): seqio stacks them and cuts at EOS itself.
+        tokens = self.partitioner.map_batches(predict, {"prompts": prompts, "lengths": lengths}, self.config.batch_size)
+        return [(i, row.tolist()) for i, row in zip(indices, tokens)]
 
     def _score(self, ds, model_state: nnx.State) -> list[tuple[int, float]]:
-        out = []
-        for indices, batch in self._batches(list(ds.as_numpy_iterator())):
-            scores = score(self.graphdef, model_state, self.partitioner.shard_global_batch(batch))
-            out += [(i, float(s)) for i, s in zip(indices, to_host(scores.log_likelihood)) if i >= 0]
-        return out
+        indices, rows = self._rows(ds)
+        scores = self.partitioner.map_batches(lambda batch, _: score(self.graphdef, model_state, batch).log_likelihood,
+                                              rows, self.config.batch_size)  # fmt: skip
+        return [(i, float(s)) for i, s in zip(indices, scores)]
 
-    def _batches(self, rows: list) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """Full global batches of model features; padding rows have index -1."""
-        size = self.config.batch_size
-        for start in range(0, len(rows), size):
-            chunk = rows[start : start + size]
-            indices = np.full(size, -1)
-            indices[: len(chunk)] = [i for i, _ in chunk]
-            batch = {k: np.zeros((size, *v.shape), v.dtype) for k, v in chunk[0][1].items()}
-            for j, (_, ex) in enumerate(chunk):
-                for k, v in ex.items():
-                    batch[k][j] = v
-            if "decoder_segment_ids" not in batch:  # unpacked: one segment, positions from 0
-                width = batch["decoder_target_tokens"].shape[1]
-                batch["decoder_segment_ids"] = (batch["decoder_target_tokens"] != 0).astype(np.int32)
-                batch["decoder_positions"] = np.broadcast_to(np.arange(width, dtype=np.int32), (size, width)).copy()
-            yield indices, batch
+    @staticmethod
+    def _rows(ds) -> tuple[list[int], dict[str, np.ndarray]]:
+        """The indices and stacked model features (`decode.decoder_features`, plus the prefix
+        mask) of seqio's (index, unpacked example) pairs."""
+        pairs = list(ds.as_numpy_iterator())
+        stack = lambda key: np.stack([ex[key] for _, ex in pairs])  # noqa: E731
+        features = decoder_features(stack("decoder_target_tokens"), stack("decoder_loss_weights"))
+        prefix = {k: stack(k) for k in ("decoder_causal_attention",) if k in pairs[0][1]}
+        return [int(i) for i, _ in pairs], {**features, **prefix}
 
 
 def _check_tasks(name: str, split: str) -> None:

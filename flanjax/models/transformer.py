@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flanjax.models.lora import LoRA
+from flanjax.models.lora import LoRA, LoraConfig, apply_lora
 from flanjax.sharding import constrain
 
 Axes = tuple[str | None, ...]
@@ -470,3 +470,13 @@ class Transformer(nnx.Module):
         if logits.ndim == 3:
             logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits
+
+
+def new_model(config: TransformerConfig, lora: LoraConfig | None = None, seed: int = 0, base: nnx.State | None = None) -> Transformer:
+    """A Transformer with random weights, or `base`'s (a plain model's state), plus LoRA adapters."""
+    model = Transformer(config, rngs=nnx.Rngs(params=seed))
+    if base is not None:
+        nnx.update(model, base)
+    if lora is not None:
+        apply_lora(model, lora, rngs=nnx.Rngs(params=seed + 1))
+    return model

@@ -29,9 +29,9 @@ import numpy as np
 from flax import nnx
 
 from flanjax.data.preferences import Comparison, comparison, read_comparisons
-from flanjax.decode import score
+from flanjax.decode import decoder_features, score
 from flanjax.errors import FlanjaxError
-from flanjax.sharding import to_host
+from flanjax.rundir.files import restore
 
 
 class LabelError(FlanjaxError, ValueError):
@@ -200,8 +200,6 @@ class JudgeLabeler:
     @classmethod
     def from_run(cls, checkpoint_path: str, vocabulary, partitioner, **kwargs) -> JudgeLabeler:
         """The judge of a trained run (a run directory, or RUN/checkpoints/STEP)."""
-        from flanjax.eval.run import restore  # late: keeps importing this module light
-
         graphdef, state, _ = restore(checkpoint_path, partitioner)
         return cls(graphdef, state, vocabulary, partitioner, **kwargs)
 
@@ -239,31 +237,14 @@ class JudgeLabeler:
                 "the judging template, or use a judge model with a longer max_len."
             )
         width = min(self.max_len, -(-longest // self.width_multiple) * self.width_multiple)
-        out = []
-        for start in range(0, len(rows), self.batch_size):
-            batch = _decoder_features(rows[start : start + self.batch_size], self.batch_size, width)
-            with self.partitioner.activate():
-                scores = score(self.graphdef, self.state, self.partitioner.shard_global_batch(batch))
-            out.append(to_host(scores.log_likelihood)[: len(rows) - start])
-        return np.concatenate(out).astype(np.float64)
-
-
-def _decoder_features(rows: list[tuple[list[int], list[int]]], size: int, width: int) -> dict[str, np.ndarray]:
-    """Unpacked decoder features (see data.pipeline) scoring each row's target after its
-    context; rows beyond len(rows) are padding (segment 0, nothing scored)."""
-    targets = np.zeros((size, width), np.int32)
-    weights = np.zeros((size, width), np.float32)
-    segments = np.zeros((size, width), np.int32)
-    for r, (context, target) in enumerate(rows):
-        tokens = list(context) + list(target)
-        targets[r, : len(tokens)] = tokens
-        weights[r, len(context) : len(tokens)] = 1.0
-        segments[r, : len(tokens)] = 1
-    inputs = np.zeros_like(targets)
-    inputs[:, 1:] = targets[:, :-1]  # shifted right: 0 starts the segment
-    positions = np.broadcast_to(np.arange(width, dtype=np.int32), (size, width)).copy()
-    return {"decoder_input_tokens": inputs, "decoder_target_tokens": targets, "decoder_loss_weights": weights,
-            "decoder_segment_ids": segments, "decoder_positions": positions}  # fmt: skip
+        tokens = np.zeros((len(rows), width), np.int32)
+        weights = np.zeros((len(rows), width), np.float32)
+        for r, (context, target) in enumerate(rows):
+            tokens[r, : len(context) + len(target)] = [*context, *target]
+            weights[r, len(context) : len(context) + len(target)] = 1.0
+        scores = self.partitioner.map_batches(lambda batch, _: score(self.graphdef, self.state, batch).log_likelihood,
+                                              decoder_features(tokens, weights), self.batch_size)  # fmt: skip
+        return scores.astype(np.float64)
 
 
 def _sigmoid(x: float) -> float:

@@ -13,9 +13,9 @@ SFT weights) and the reward model are frozen. Each iteration of the one training
                 the policy, clipped value loss for the value model; then the KL controller
                 and the policy's EMA update
 
-The trained state is (policy, its optimizer, value model, its optimizer, the KL controller,
-[the policy's EMA]); the policy comes first, so `flanjax eval`, `flanjax sample` and `flanjax
-convert to-hf` read a PPO run like an SFT run.
+The trained state is a `PPOState`: the policy (`model`) and its optimizer, the value model
+and its optimizer, the KL controller and the policy's EMA, by name; the policy is `model`, so
+`flanjax eval`, `flanjax sample` and `flanjax convert to-hf` read a PPO run like an SFT run.
 """
 
 from __future__ import annotations
@@ -34,23 +34,26 @@ import optax
 import seqio
 import tensorflow as tf
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from flanjax.data.pipeline import SeqioBatches, check_vocabulary, decoder_prompt, get_task_or_mixture
+from flanjax.data.pipeline import SeqioBatches, check_vocabulary, decoder_prompt_tf, get_task_or_mixture
 from flanjax.decode import SamplingConfig, check_length, generate
 from flanjax.errors import FlanjaxError
-from flanjax.eval.run import INIT_FILE, read_model_config, resolve_checkpoint, write_model_config
 from flanjax.models.heads import ScoreModel
 from flanjax.models.lora import LoraConfig
-from flanjax.models.transformer import Transformer, TransformerConfig
+from flanjax.models.transformer import Transformer, TransformerConfig, new_model
 from flanjax.rlhf.advantages import gae, masked_mean, masked_var, whiten
 from flanjax.rlhf.kl import KLConfig, kl_penalty, update_beta
 from flanjax.rlhf.reward import load_reward_model, sequence_scores
+from flanjax.rundir.checkpoint import CheckpointConfig, Checkpointer
+from flanjax.rundir.files import read_model_config, resolve_checkpoint
 from flanjax.sharding import MeshConfig, Partitioner, shardings_of
-from flanjax.train.checkpoint import CheckpointConfig, Checkpointer
-from flanjax.train.loop import LoopConfig, LoopResult, TrainLoop
-from flanjax.train.metrics import MetricsLog, console, plot_metrics
+from flanjax.train import trainer
+from flanjax.train.loop import LoopConfig, LoopResult
+from flanjax.train.losses import lm_loss
 from flanjax.train.optim import OptimizerConfig, make_optimizer, make_schedule
-from flanjax.train.steps import lm_stats, new_model
+from flanjax.train.steps import gradients
+from flanjax.train.trainer import Plot, compile_ahead
 
 
 class PPOConfigError(FlanjaxError, ValueError):
@@ -100,7 +103,7 @@ class KLController(nnx.Module):
 
 @dataclasses.dataclass(eq=False)
 class PromptBatches(SeqioBatches):
-    """Prompts of a seqio task's `inputs`: `prompts` [b, P] (`decoder_prompt`, right-padded) and
+    """Prompts of a seqio task's `inputs`: `prompts` [b, P] (`decoder_prompt_tf`, right-padded) and
     `prompt_lengths` [b]. Pass `task_feature_lengths=None`."""
 
     prompt_len: int = 64
@@ -109,9 +112,9 @@ class PromptBatches(SeqioBatches):
         return seqio.PassThroughFeatureConverter()
 
     def model_features(self, features: dict) -> dict:
-        prompt = decoder_prompt(features["inputs"], self.prompt_len)
+        prompt = decoder_prompt_tf(features["inputs"], self.prompt_len)
         n = tf.shape(prompt)[0]
-        return {"prompts": tf.pad(prompt, [[0, self.prompt_len - n]]), "prompt_lengths": n}
+        return {"prompts": tf.ensure_shape(tf.pad(prompt, [[0, self.prompt_len - n]]), [self.prompt_len]), "prompt_lengths": n}
 
 
 class RLHFBatches:
@@ -125,6 +128,10 @@ class RLHFBatches:
         if self.ptx is not None:
             batch.update({f"ptx_{k}": v for k, v in next(self.ptx).items()})
         return batch
+
+    def element_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+        ptx = {} if self.ptx is None else {f"ptx_{k}": v for k, v in self.ptx.element_spec().items()}
+        return {**self.prompts.element_spec(), **ptx}
 
     def get_state(self) -> dict:
         return {"prompts": self.prompts.get_state(), **({"ptx": self.ptx.get_state()} if self.ptx else {})}
@@ -201,35 +208,65 @@ def ppo_losses(logp, old_logp, advantages, values, old_values, returns, entropy,
     }
 
 
-# --- the phases, jitted ---------------------------------------------------------------------
+def ppo_loss(config: PPOConfig, num_new: int):
+    """PPO's loss function of (policy, value model, (rollout minibatch, pre-training minibatch
+    or None), rngs): clipped policy loss - entropy bonus + ptx_coef * the LM loss on the
+    pre-training batch (PPO-ptx) + value_coef * clipped value loss. No dropout: the ratios
+    compare with the rollout's deterministic log-probabilities."""
+    lm = lm_loss()
+
+    def loss_fn(policy: Transformer, value: ScoreModel, batch, rngs: nnx.Rngs | None = None):
+        mb, ptx = batch
+        logp, entropy = response_logprobs(policy, mb["tokens"], mb["prompt_lengths"], mb["lengths"], num_new)
+        values = response_values(value, mb["tokens"], mb["prompt_lengths"], mb["lengths"], num_new)
+        out = ppo_losses(logp, mb["logp"], mb["advantages"], values, mb["values"], mb["returns"], entropy, mb["mask"], config)
+        out["ptx_loss"] = jnp.zeros(()) if ptx is None else lm(policy, ptx, None)[0]
+        total = out["policy_loss"] - config.entropy_coef * out["entropy"] + config.ptx_coef * out["ptx_loss"]
+        return total + config.value_coef * out["value_loss"], out
+
+    return loss_fn
+
+
+# --- the trained state and the phases, jitted -------------------------------------------------
+
+
+class PPOState(nnx.Module):
+    """PPO's trained state, by name. `model` is the policy, so `flanjax eval`, `flanjax sample`
+    and `flanjax convert to-hf` read a PPO run like an SFT run; `ema` is None without EMA."""
+
+    def __init__(self, model: Transformer, optimizer: nnx.Optimizer, value: ScoreModel, value_optimizer: nnx.Optimizer,
+                 controller: KLController, ema: Transformer | None = None):  # fmt: skip
+        self.model, self.optimizer = model, optimizer
+        self.value, self.value_optimizer = value, value_optimizer
+        self.controller, self.ema = controller, ema
 
 
 @dataclasses.dataclass(frozen=True)
 class Graphs:
-    """Static structure of the four models and of the trained state."""
+    """Static structure of the trained state and of the policy and reference models."""
 
-    state: nnx.GraphDef  # (policy, optimizer, value, optimizer, controller[, ema])
+    state: nnx.GraphDef  # a PPOState
     policy: nnx.GraphDef
     reference: nnx.GraphDef
 
 
 def make_scoring(graphs: Graphs, config: PPOConfig, kl: KLConfig, stop_tokens: tuple[int, ...], reward_fn: RewardFn):
     def scoring(state, reference, reward_params, batch, generation):
-        policy, _, value, _, controller, *_ = nnx.merge(graphs.state, state)
+        s = nnx.merge(graphs.state, state)
         ref = nnx.merge(graphs.reference, reference)
         prompts, prompt_lengths = batch["prompts"], batch["prompt_lengths"]
         lengths, n = generation.lengths, generation.tokens.shape[1]
         tokens = concat_responses(prompts, prompt_lengths, generation.tokens)
         mask = (jnp.arange(n)[None, :] < lengths[:, None]).astype(jnp.float32)
-        logp, entropy = response_logprobs(policy, tokens, prompt_lengths, lengths, n)
+        logp, entropy = response_logprobs(s.model, tokens, prompt_lengths, lengths, n)
         ref_logp, _ = response_logprobs(ref, tokens, prompt_lengths, lengths, n)
-        values = response_values(value, tokens, prompt_lengths, lengths, n) * mask
+        values = response_values(s.value, tokens, prompt_lengths, lengths, n) * mask
         score = reward_fn(reward_params, tokens, prompt_lengths + lengths)
         last_token = jnp.take_along_axis(generation.tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
         stopped = jnp.isin(last_token, jnp.asarray(stop_tokens))
         penalised = jnp.clip(score + jnp.where(stopped, 0.0, config.no_stop_penalty), -config.reward_clip, config.reward_clip)
         per_token_kl = kl_penalty(logp, ref_logp, kl.estimator) * mask
-        rewards = episode_rewards(per_token_kl, penalised, mask, controller.beta[...])
+        rewards = episode_rewards(per_token_kl, penalised, mask, s.controller.beta[...])
         advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
         if config.whiten_advantages:
             advantages = whiten(advantages, mask)
@@ -254,37 +291,20 @@ def make_scoring(graphs: Graphs, config: PPOConfig, kl: KLConfig, stop_tokens: t
 
 def make_update(graphs: Graphs, config: PPOConfig, kl: KLConfig, seed: int):
     def update(state, rollout, ptx, observed_kl):
-        policy, policy_opt, value, value_opt, controller, *ema = nnx.merge(graphs.state, state)
-        trained_def, trained = nnx.split((policy, policy_opt, value, value_opt))
+        s = nnx.merge(graphs.state, state)
+        trained_def, trained = nnx.split((s.model, s.optimizer, s.value, s.value_optimizer))
         b, n = rollout["mask"].shape
         m = config.num_minibatches
-        key = jax.random.fold_in(jax.random.key(seed + 1), controller.iteration[...])
-
-        def losses(pol, val, mb, ptx_mb):
-            logp, entropy = response_logprobs(pol, mb["tokens"], mb["prompt_lengths"], mb["lengths"], n)
-            values = response_values(val, mb["tokens"], mb["prompt_lengths"], mb["lengths"], n)
-            out = ppo_losses(logp, mb["logp"], mb["advantages"], values, mb["values"], mb["returns"], entropy, mb["mask"], config)
-            out["ptx_loss"] = jnp.zeros(())
-            if ptx_mb is not None:
-                stats = lm_stats(pol, ptx_mb, None)
-                out["ptx_loss"] = stats.loss / jnp.maximum(stats.weight, 1.0)
-            total = out["policy_loss"] - config.entropy_coef * out["entropy"] + config.ptx_coef * out["ptx_loss"]
-            return total + config.value_coef * out["value_loss"], out
+        key = jax.random.fold_in(jax.random.key(seed + 1), s.controller.iteration[...])
+        loss_fn = ppo_loss(config, n)
 
         def one_minibatch(trained, xs):
-            pol, pol_opt, val, val_opt = nnx.merge(trained_def, trained)
-            mb, ptx_mb = xs
-            p_def, p_params, p_rest = nnx.split(pol, pol_opt.wrt, ...)
-            v_def, v_params, v_rest = nnx.split(val, val_opt.wrt, ...)
-
-            def loss_fn(p_params, v_params):
-                return losses(nnx.merge(p_def, p_params, p_rest), nnx.merge(v_def, v_params, v_rest), mb, ptx_mb)
-
-            (grads_p, grads_v), out = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(p_params, v_params)
-            pol_opt.update(pol, grads_p)
-            val_opt.update(val, grads_v)
+            policy, policy_opt, value, value_opt = nnx.merge(trained_def, trained)
+            (grads_p, grads_v), out = gradients(loss_fn, [policy, value], [policy_opt.wrt, value_opt.wrt], xs, key)
+            policy_opt.update(policy, grads_p)
+            value_opt.update(value, grads_v)
             out["grad_norm"] = optax.global_norm(grads_p)
-            return nnx.state((pol, pol_opt, val, val_opt)), out
+            return nnx.state((policy, policy_opt, value, value_opt)), out
 
         def one_epoch(trained, epoch_key):
             order = jax.random.permutation(epoch_key, b).reshape(m, b // m)
@@ -293,39 +313,66 @@ def make_update(graphs: Graphs, config: PPOConfig, kl: KLConfig, seed: int):
             return jax.lax.scan(one_minibatch, trained, (mbs, ptx_mbs))
 
         trained, outs = jax.lax.scan(one_epoch, trained, jax.random.split(key, config.epochs))
-        policy, policy_opt, value, value_opt = nnx.merge(trained_def, trained)
-        controller.beta[...] = update_beta(controller.beta[...], observed_kl, b, kl)
-        controller.iteration[...] += 1
-        if ema:
-            d = config.ema_decay
-            nnx.update(ema[0], jax.tree.map(lambda e, p: d * e + (1 - d) * p, nnx.state(ema[0], policy_opt.wrt), nnx.state(policy, policy_opt.wrt)))
-        metrics = {**{k: v.mean() for k, v in outs.items()}, "beta": controller.beta[...]}
-        return nnx.state((policy, policy_opt, value, value_opt, controller, *ema)), metrics
+        nnx.update((s.model, s.optimizer, s.value, s.value_optimizer), trained)
+        s.controller.beta[...] = update_beta(s.controller.beta[...], observed_kl, b, kl)
+        s.controller.iteration[...] += 1
+        if s.ema is not None:
+            d, wrt = config.ema_decay, s.optimizer.wrt
+            nnx.update(s.ema, jax.tree.map(lambda e, p: d * e + (1 - d) * p, nnx.state(s.ema, wrt), nnx.state(s.model, wrt)))
+        metrics = {**{k: v.mean() for k, v in outs.items()}, "beta": s.controller.beta[...]}
+        return nnx.state(s), metrics
 
     return update
 
 
-def make_ppo_step(graphs: Graphs, abstract_state, *, reference, reward_fn: RewardFn, reward_params,
-                  sampling: SamplingConfig, eos_id: int, config: PPOConfig, kl: KLConfig, seed: int = 0):  # fmt: skip
-    """The loop's step: (state, batch) -> (state, metrics), three jitted phases timed apart."""
-    shardings = shardings_of(abstract_state)
-    stops = (eos_id, *sampling.stop_tokens)
-    scoring = jax.jit(make_scoring(graphs, config, kl, stops, reward_fn))
-    update = jax.jit(make_update(graphs, config, kl, seed), in_shardings=(shardings, None, None, None),
-                     out_shardings=(shardings, None), donate_argnums=0)  # fmt: skip
+class PPOStep:
+    """The loop's step: (state, batch) -> (state, metrics), three jitted phases timed apart.
+    Rollouts are laid out over the data axes like the prompts they come from."""
 
-    def step(state, batch):
+    def __init__(self, graphs: Graphs, abstract_state, partitioner: Partitioner, *, reference, reward_fn: RewardFn,
+                 reward_params, sampling: SamplingConfig, eos_id: int, config: PPOConfig, kl: KLConfig, seed: int = 0):  # fmt: skip
+        self.graphs, self.partitioner, self.reference, self.reward_params = graphs, partitioner, reference, reward_params
+        self.sampling, self.eos_id, self.seed = sampling, eos_id, seed
+        self.shardings = shardings_of(abstract_state)
+        self.scoring = jax.jit(make_scoring(graphs, config, kl, (eos_id, *sampling.stop_tokens), reward_fn))
+        self.update_fn = make_update(graphs, config, kl, seed)
+        self.update = jax.jit(self.update_fn, out_shardings=(self.shardings, None), donate_argnums=0)
+
+    def _rows(self, tree):
+        return jax.tree.map(lambda x: self.partitioner.batch_sharding(len(x.shape)), tree)
+
+    def _replicated(self):
+        return NamedSharding(self.partitioner.mesh, PartitionSpec())
+
+    def compile_ahead(self, abstract_state, batch_spec) -> PPOStep:
+        """Compiles the update phase (two models' gradients and optimizer updates: the most
+        memory) for these shapes before any data is read, with its memory report."""
+        prompts, ptx = _split_ptx(batch_spec)
+        generation = jax.eval_shape(lambda state, b: self._generate(state, b, jax.random.key(0)), abstract_state, prompts)
+        rollout, metrics = jax.eval_shape(self.scoring, abstract_state, self.reference, self.reward_params, prompts, generation)
+        abstract = lambda tree, shardings: jax.tree.map(  # noqa: E731
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
+        args = (abstract_state, abstract(rollout, self._rows(rollout)), ptx, abstract(metrics["kl"], self._replicated()))
+        jitted = jax.jit(self.update_fn, in_shardings=jax.tree.map(lambda x: x.sharding, args),
+                         out_shardings=(self.shardings, None), donate_argnums=0)  # fmt: skip
+        self.update = compile_ahead("PPO update", jitted, *args)
+        return self
+
+    def _generate(self, state, batch, key):
+        return generate(self.graphs.policy, state["model"], batch["prompts"], batch["prompt_lengths"],
+                        eos_id=self.eos_id, config=self.sampling, seed=key)  # fmt: skip
+
+    def __call__(self, state, batch):
+        prompts, ptx = _split_ptx(batch)
         t0 = time.perf_counter()
-        key = jax.random.fold_in(jax.random.key(seed), state[4]["iteration"][...])  # on device: no host sync
-        generation = generate(graphs.policy, state[0], batch["prompts"], batch["prompt_lengths"],
-                              eos_id=eos_id, config=sampling, seed=key)  # fmt: skip
+        generation = self._generate(state, prompts, jax.random.fold_in(jax.random.key(self.seed), state["controller"]["iteration"][...]))
         jax.block_until_ready(generation)
         t1 = time.perf_counter()
-        rollout, metrics = scoring(state, reference, reward_params, batch, generation)
+        rollout, metrics = self.scoring(state, self.reference, self.reward_params, prompts, generation)
         jax.block_until_ready(rollout)
         t2 = time.perf_counter()
-        ptx = {k.removeprefix("ptx_"): v for k, v in batch.items() if k.startswith("ptx_")} or None
-        state, train_metrics = update(state, rollout, ptx, metrics["kl"])
+        rollout, kl = jax.device_put((rollout, metrics["kl"]), (self._rows(rollout), self._replicated()))
+        state, train_metrics = self.update(state, rollout, ptx, kl)
         jax.block_until_ready(state)
         t3 = time.perf_counter()
         new_tokens = float(jax.device_get(generation.lengths.sum()))
@@ -340,26 +387,29 @@ def make_ppo_step(graphs: Graphs, abstract_state, *, reference, reward_fn: Rewar
             "rollout_tokens_per_s": new_tokens / max(t1 - t0, 1e-9),
         }
 
-    return step
+
+def _split_ptx(batch: Mapping[str, Any]) -> tuple[dict, dict | None]:
+    """(the prompts' features, the pre-training batch's or None) of an `RLHFBatches` batch."""
+    prompts = {k: v for k, v in batch.items() if not k.startswith("ptx_")}
+    ptx = {k.removeprefix("ptx_"): v for k, v in batch.items() if k.startswith("ptx_")}
+    return prompts, ptx or None
 
 
 def ppo_init(policy: TransformerConfig, value: TransformerConfig, tx: optax.GradientTransformation,
              value_tx: optax.GradientTransformation, *, lora: LoraConfig | None = None, init_beta: float = 0.02,
              ema: bool = False, seed: int = 0):  # fmt: skip
-    """The function building the trained state from the SFT policy's and the reward model's
+    """The function building the `PPOState` from the SFT policy's and the reward model's
     states (`lm`, `rm`; None: random): pass it to `Partitioner.create`."""
     wrt = nnx.Param if lora is None else nnx.LoRAParam
 
-    def init(lm=None, rm=None):
+    def init(lm=None, rm=None) -> PPOState:
         policy_model = new_model(policy, lora, seed, lm)
         value_model = ScoreModel(value, rngs=nnx.Rngs(params=seed + 1))
         if rm is not None:
             nnx.update(value_model, rm)
-        parts = [policy_model, nnx.Optimizer(policy_model, tx, wrt=wrt), value_model,
-                 nnx.Optimizer(value_model, value_tx, wrt=nnx.Param), KLController(init_beta)]  # fmt: skip
-        if ema:
-            parts.append(new_model(policy, lora, seed, lm))
-        return tuple(parts)
+        return PPOState(policy_model, nnx.Optimizer(policy_model, tx, wrt=wrt), value_model,
+                        nnx.Optimizer(value_model, value_tx, wrt=nnx.Param), KLController(init_beta),
+                        new_model(policy, lora, seed, lm) if ema else None)  # fmt: skip
 
     return init
 
@@ -417,49 +467,34 @@ def train_ppo(
     if ptx is not None:
         ptx_batches = SeqioBatches(ptx.mixture_or_task_name, ptx.task_feature_lengths,
                                    partitioner.per_process_batch_size(ptx.batch_size), seed=seed)  # fmt: skip
-    batches = RLHFBatches(prompts, ptx_batches)
-    if jax.process_index() == 0:
-        write_model_config(model_dir, config, lora)
-        with open(os.path.join(model_dir, INIT_FILE), "w") as f:
-            f.write(policy_dir)
-
-    updates = loop.num_steps * ppo.epochs * ppo.num_minibatches
-    init = ppo_init(config, reward.config, make_optimizer(optimizer, updates), make_optimizer(value_optimizer, updates),
-                    lora=lora, init_beta=kl.init_beta, ema=ppo.ema_decay is not None, seed=seed)  # fmt: skip
-    state_def, abstract = partitioner.abstract_state(init)
     plain_def, plain = partitioner.abstract_state(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     reference = Checkpointer(policy_dir, read_only=True).restore_model(policy_step, plain)
-    graphs = Graphs(state_def, nnx.split(nnx.eval_shape(lambda: new_model(config, lora)))[0], plain_def)
+    policy_def = nnx.split(nnx.eval_shape(lambda: new_model(config, lora)))[0]
 
     def reward_fn(params, tokens, lengths):
         state, shift, scale = params
         return (sequence_scores(nnx.merge(reward.graphdef, state), tokens, lengths) - shift) / scale
 
-    step_fn = make_ppo_step(graphs, abstract, reference=reference, reward_fn=reward_fn,
-                            reward_params=(reward.state, jnp.float32(reward.shift), jnp.float32(reward.scale)),
-                            sampling=sampling, eos_id=vocabulary.eos_id, config=ppo, kl=kl, seed=seed)  # fmt: skip
+    def compile_step(graphdef, abstract, spec):
+        step = PPOStep(Graphs(graphdef, policy_def, plain_def), abstract, partitioner, reference=reference,
+                       reward_fn=reward_fn, reward_params=(reward.state, jnp.float32(reward.shift), jnp.float32(reward.scale)),
+                       sampling=sampling, eos_id=vocabulary.eos_id, config=ppo, kl=kl, seed=seed)  # fmt: skip
+        return step.compile_ahead(abstract, spec)
 
-    metrics = MetricsLog(model_dir)
-    checkpointer = Checkpointer(model_dir, checkpoint)
-    trainer = TrainLoop(
-        step_fn=step_fn, batches=batches, partitioner=partitioner, checkpointer=checkpointer, metrics=metrics,
-        config=loop, learning_rate=make_schedule(optimizer, updates),
+    updates = loop.num_steps * ppo.epochs * ppo.num_minibatches
+    result = trainer.run(trainer.Trainer(
+        description=f"PPO of {policy_dir} step {policy_step} against {reward_checkpoint} on {mixture_or_task_name}: "
+                    f"{loop.num_steps} iterations of {batch_size} prompts",
+        model_dir=model_dir, model=config, lora=lora, origin=policy_dir, partitioner=partitioner, loop=loop,
+        checkpoint=checkpoint, batches=RLHFBatches(prompts, ptx_batches),
+        init=ppo_init(config, reward.config, make_optimizer(optimizer, updates), make_optimizer(value_optimizer, updates),
+                      lora=lora, init_beta=kl.init_beta, ema=ppo.ema_decay is not None, seed=seed),
+        pretrained=lambda: (reference, reward.state), compile_step=compile_step,
+        learning_rate=make_schedule(optimizer, updates),
         console_keys=("reward/score_mean", "kl", "beta", "entropy", "clip_fraction", "response_length"),
-    )  # fmt: skip
-    console.print(
-        f"PPO of {policy_dir} step {policy_step} against {reward_checkpoint} on {mixture_or_task_name}: "
-        f"{loop.num_steps} iterations of {batch_size} prompts; mesh {dict(partitioner.mesh.shape)}; run dir {model_dir}"
-    )
-
-    def create():
-        return partitioner.create(init, abstract, reference, reward.state)
-
-    with partitioner.activate():
-        result = trainer.run(create, abstract)
-    trainer.close()
+        plots=(Plot("reward.png", ("reward/score_mean",), False), Plot("kl.png", ("kl",), False), Plot("beta.png", ("beta",), False)),
+    ))  # fmt: skip
     if jax.process_index() == 0:
-        for name, keys in (("reward.png", ("reward/score_mean",)), ("kl.png", ("kl",)), ("beta.png", ("beta",))):
-            plot_metrics(metrics.path, os.path.join(model_dir, name), keys=keys, log_scale=False)
         with open(os.path.join(model_dir, "ppo.json"), "w") as f:
             json.dump({"reward_checkpoint": os.path.abspath(reward_checkpoint), "kl_target": kl.target}, f, indent=2)
     return result

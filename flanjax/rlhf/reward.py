@@ -24,23 +24,24 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import seqio
 from flax import nnx
 
-from flanjax.data.pipeline import decoder_prompt, get_task_or_mixture, task_prompts
+from flanjax.data.pipeline import get_task_or_mixture, task_prompts
 from flanjax.data.preferences import PreferenceBatches, add_preference_task
 from flanjax.data.vocab import DEFAULT_VOCABULARY, HFVocabulary
-from flanjax.decode import SamplingConfig, generate_texts
+from flanjax.decode import SamplingConfig, decoder_prompt, generate_texts
 from flanjax.errors import FlanjaxError
-from flanjax.eval.run import read_model_config, resolve_checkpoint, restore, write_model_config
 from flanjax.models.heads import ScoreModel, score_model_from_lm
 from flanjax.models.transformer import Transformer, TransformerConfig
-from flanjax.sharding import MeshConfig, Partitioner, shardings_of, to_host
-from flanjax.train.checkpoint import CheckpointConfig, Checkpointer
-from flanjax.train.loop import LoopConfig, LoopResult, TrainLoop
-from flanjax.train.metrics import MetricsLog, console, plot_metrics
+from flanjax.rundir.checkpoint import CheckpointConfig, Checkpointer
+from flanjax.rundir.files import read_model_config, resolve_checkpoint, restore
+from flanjax.rundir.metrics import console
+from flanjax.sharding import MeshConfig, Partitioner
+from flanjax.train import trainer
+from flanjax.train.loop import LoopConfig, LoopResult
 from flanjax.train.optim import OptimizerConfig, make_optimizer, make_schedule
+from flanjax.train.steps import TrainState, make_eval_step, make_train_step
 
 REWARD_FILE = "reward.json"  # normalisation and tokenizer of a trained reward model
 TOKENIZER_FILE = "tokenizer.txt"  # beside preference files: the tokenizer directory of the policy sampled
@@ -57,7 +58,7 @@ def pairwise_loss(rewards: jax.Array, ranks: jax.Array, valid: jax.Array, margin
     """K-wise comparison loss of a batch: rewards, ranks, valid [b, K]; margin [b].
 
     Returns sums: `loss_sum` (each prompt's mean over its pairs, summed over prompts),
-    `weight_sum` (prompts with a pair), `correct_sum` and `pair_sum` (pairs ranked right, all)."""
+    `weight_sum` (prompts with a pair), `pairs_right_sum` and `pair_sum` (pairs ranked right, all)."""
     better = (ranks[:, :, None] < ranks[:, None, :]) & valid[:, :, None] & valid[:, None, :]
     gap = rewards[:, :, None] - rewards[:, None, :]
     losses = jnp.where(better, -jax.nn.log_sigmoid(gap - margin[:, None, None]), 0.0)
@@ -65,7 +66,7 @@ def pairwise_loss(rewards: jax.Array, ranks: jax.Array, valid: jax.Array, margin
     return {
         "loss_sum": jnp.sum(losses.sum(axis=(1, 2)) / jnp.maximum(pairs, 1)),
         "weight_sum": jnp.sum(pairs > 0).astype(jnp.float32),
-        "correct_sum": jnp.sum(better & (gap > 0)).astype(jnp.float32),
+        "pairs_right_sum": jnp.sum(better & (gap > 0)).astype(jnp.float32),
         "pair_sum": jnp.sum(pairs).astype(jnp.float32),
     }
 
@@ -80,32 +81,12 @@ def sequence_scores(model: ScoreModel, tokens: jax.Array, lengths: jax.Array, rn
     return jnp.take_along_axis(scores, jnp.maximum(n - 1, 0), axis=1).reshape(lead)
 
 
-def _batch_stats(model: ScoreModel, batch: Mapping[str, jax.Array], rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
+def reward_loss(model: ScoreModel, batch: Mapping[str, jax.Array], rngs: nnx.Rngs | None = None):
+    """The reward model's loss function (see `train.losses`): the mean over prompts of each
+    prompt's pairwise loss, on `PreferenceBatches` batches."""
     rewards = sequence_scores(model, batch["tokens"], batch["lengths"], rngs)
-    return pairwise_loss(rewards, batch["ranks"], batch["lengths"] > 0, batch["margin"])
-
-
-def make_reward_train_step(graphdef: nnx.GraphDef, seed: int = 0):
-    def step(state: nnx.State, batch: Mapping[str, jax.Array]):
-        model, optimizer = nnx.merge(graphdef, state)
-        model_def, params, rest = nnx.split(model, optimizer.wrt, ...)
-        key = jax.random.fold_in(jax.random.key(seed), optimizer.step[...])
-
-        def loss_fn(params):
-            stats = _batch_stats(nnx.merge(model_def, params, rest), batch, nnx.Rngs(dropout=key))
-            return stats["loss_sum"] / jnp.maximum(stats["weight_sum"], 1.0), stats
-
-        grads, stats = jax.grad(loss_fn, has_aux=True)(params)
-        optimizer.update(model, grads)
-        metrics = {
-            "loss_sum": stats["loss_sum"],
-            "weight_sum": stats["weight_sum"],
-            "pair_accuracy": stats["correct_sum"] / jnp.maximum(stats["pair_sum"], 1.0),
-            "grad_norm": optax.global_norm(grads),
-        }
-        return nnx.state((model, optimizer)), metrics
-
-    return step
+    sums = pairwise_loss(rewards, batch["ranks"], batch["lengths"] > 0, batch["margin"])
+    return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
 
 
 # --- tokens of (prompt, response) texts ------------------------------------------------------
@@ -144,21 +125,15 @@ class RewardModel:
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
-def _normalised_scores(graphdef, state, tokens, lengths, shift, scale):
-    return (sequence_scores(nnx.merge(graphdef, state), tokens, lengths) - shift) / scale
+def _scores(graphdef, state, tokens, lengths):
+    return sequence_scores(nnx.merge(graphdef, state), tokens, lengths)
 
 
 def _text_scores(graphdef, state, partitioner, vocabulary, prompts, responses, prompt_len, response_len, batch_size) -> np.ndarray:
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        rows = encode_responses(vocabulary, prompts[start : start + batch_size], responses[start : start + batch_size], prompt_len, response_len)
-        n = len(rows["lengths"])
-        padded = {k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)]) for k, v in rows.items()}
-        with partitioner.activate():
-            batch = partitioner.shard_global_batch(padded)
-            scores = _normalised_scores(graphdef, state, batch["tokens"], batch["lengths"], 0.0, 1.0)
-        out.append(to_host(scores)[:n])
-    return np.concatenate(out) if out else np.zeros(0)
+    if not prompts:
+        return np.zeros(0)
+    rows = encode_responses(vocabulary, prompts, responses, prompt_len, response_len)
+    return partitioner.map_batches(lambda batch, _: _scores(graphdef, state, batch["tokens"], batch["lengths"]), rows, batch_size)
 
 
 def load_reward_model(checkpoint_path: str, partitioner: Partitioner, vocabulary=None) -> RewardModel:
@@ -173,7 +148,7 @@ def load_reward_model(checkpoint_path: str, partitioner: Partitioner, vocabulary
     if "shift" not in stats or "scale" not in stats:
         raise RewardModelError(
             f"reward model {run_dir} has no normalisation stats ({path} is missing or incomplete): "
-            "its training did not finish. Run the same `flanjax train-reward` command again; it "
+            "its training did not finish. Run the same `flanjax train --gin_file=...reward.gin` command again; it "
             "resumes and normalises at the end."
         )
     if vocabulary is not None and stats.get("tokenizer") != vocabulary.fingerprint():
@@ -248,44 +223,30 @@ def train_reward(
     partitioner = Partitioner.from_config(mesh)
     per_process = partitioner.per_process_batch_size(batch_size)
     shape = dict(prompt_len=prompt_len, response_len=response_len, max_responses=max_responses)
-    batches = PreferenceBatches(name, None, per_process, seed=seed, **shape)
     sft_dir, sft_step = resolve_checkpoint(init_checkpoint)
     config = read_model_config(sft_dir)
-    if jax.process_index() == 0:
-        write_model_config(model_dir, config)
-
     tx = make_optimizer(optimizer, loop.num_steps)
 
-    def init(lm=None):
-        model = score_model_from_lm(config, lm, seed)
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    graphdef, abstract = partitioner.abstract_state(init)
-    shardings = shardings_of(abstract)
-    step_fn = jax.jit(make_reward_train_step(graphdef, seed), in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
-
-    hooks = {}
-    if "validation" in seqio.get_subtasks(task)[0].splits:
+    def make_hooks(graphdef, abstract):
+        if "validation" not in seqio.get_subtasks(task)[0].splits:
+            return {}
         valid = PreferenceBatches(name, None, per_process, split="validation", shuffle=False, num_epochs=1, **shape)
-        hooks["validation"] = _validation_hook(partitioner, graphdef, shardings, valid, validation_batches)
+        return {"validation": trainer.validation_hook(partitioner, make_eval_step(graphdef, reward_loss), abstract, valid,
+                                                      validation_batches)}  # fmt: skip
 
-    metrics = MetricsLog(model_dir)
-    checkpointer = Checkpointer(model_dir, checkpoint)
-    trainer = TrainLoop(
-        step_fn=step_fn, batches=batches, partitioner=partitioner, checkpointer=checkpointer, metrics=metrics,
-        config=loop, eval_hooks=hooks, learning_rate=make_schedule(optimizer, loop.num_steps),
-        console_keys=("loss", "pair_accuracy", "grad_norm"),
-    )  # fmt: skip
-    console.print(f"Training a reward model from {sft_dir} step {sft_step} on {name}; run dir {model_dir}")
-
-    def create():
+    def pretrained():
         plain = partitioner.abstract_state(lambda: Transformer(config, rngs=nnx.Rngs(0)))[1]
-        lm = Checkpointer(sft_dir, read_only=True).restore_model(sft_step, plain)
-        return partitioner.create(init, abstract, lm)
+        return (Checkpointer(sft_dir, read_only=True).restore_model(sft_step, plain),)
 
-    with partitioner.activate():
-        result = trainer.run(create, abstract)
-    trainer.close()
+    result = trainer.run(trainer.Trainer(
+        description=f"Training a reward model from {sft_dir} step {sft_step} on {name}",
+        model_dir=model_dir, model=config, partitioner=partitioner, loop=loop, checkpoint=checkpoint,
+        batches=PreferenceBatches(name, None, per_process, seed=seed, **shape),
+        init=lambda lm=None: TrainState.create(score_model_from_lm(config, lm, seed), tx), pretrained=pretrained,
+        compile_step=lambda graphdef, abstract, spec: trainer.jit_step(make_train_step(graphdef, reward_loss, seed=seed), abstract, spec),
+        make_hooks=make_hooks, learning_rate=make_schedule(optimizer, loop.num_steps),
+        console_keys=("loss", "pair_accuracy", "grad_norm"),
+    ))  # fmt: skip
     if result.preempted:  # normalised when the rerun finishes
         return result
 
@@ -296,7 +257,7 @@ def train_reward(
                                partitioner=partitioner, prompt_len=prompt_len, batch_size=normalisation.batch_size,
                                seed=seed)  # fmt: skip
     model_def = nnx.split(nnx.eval_shape(lambda: ScoreModel(config, rngs=nnx.Rngs(0))))[0]
-    raw = _text_scores(model_def, result.state[0], partitioner, vocabulary, prompts, responses, prompt_len,
+    raw = _text_scores(model_def, result.state["model"], partitioner, vocabulary, prompts, responses, prompt_len,
                        response_len, normalisation.batch_size)  # fmt: skip
     stats = {
         "shift": float(raw.mean()),
@@ -312,27 +273,5 @@ def train_reward(
     if jax.process_index() == 0:
         with open(os.path.join(model_dir, REWARD_FILE), "w") as f:
             json.dump(stats, f, indent=2)
-        plot_metrics(metrics.path, os.path.join(model_dir, "loss.png"), keys=("loss", "validation/loss"))
     console.print(f"Reward normalised on {len(raw)} reference samples: shift {stats['shift']:.4g}, scale {stats['scale']:.4g}")
     return result
-
-
-def _validation_hook(partitioner: Partitioner, graphdef, shardings, source: PreferenceBatches, num_batches: int | None):
-    @jax.jit
-    def sums(state, batch):
-        model, _ = nnx.merge(graphdef, state)
-        return _batch_stats(model, batch)
-
-    def hook(step: int, state) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        source.set_state({"position": 0})
-        for i, batch in enumerate(source):
-            if num_batches is not None and i >= num_batches:
-                break
-            for k, v in jax.device_get(sums(state, partitioner.shard_batch(batch))).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        if not totals.get("pair_sum"):
-            return {}
-        return {"loss": totals["loss_sum"] / totals["weight_sum"], "pair_accuracy": totals["correct_sum"] / totals["pair_sum"]}
-
-    return hook

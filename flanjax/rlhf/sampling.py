@@ -16,11 +16,11 @@ import numpy as np
 from flanjax.data.pipeline import task_prompts
 from flanjax.data.preferences import Comparison, write_comparisons
 from flanjax.decode import SamplingConfig, generate_texts
-from flanjax.eval.run import restore
 from flanjax.rlhf.feedback import Labeler, label_all
 from flanjax.rlhf.reward import TOKENIZER_FILE, RewardModel
+from flanjax.rundir.files import restore
+from flanjax.rundir.metrics import console
 from flanjax.sharding import Partitioner
-from flanjax.train.metrics import console
 
 
 def sample(policy: str, prompts: Sequence[str], vocabulary, partitioner: Partitioner, *, num_samples: int,

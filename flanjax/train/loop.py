@@ -7,17 +7,19 @@ MFU) to metrics.jsonl + TensorBoard + the console, periodic evaluation hooks, as
 checkpoints, a clean stop on SIGTERM, and a stop on a non-finite loss that keeps the last
 good checkpoint.
 
-Step metrics are sums (`loss_sum`, `correct_sum`, `weight_sum`) plus instantaneous values
-(anything else, e.g. `grad_norm`); the loop turns them into means over each logging window.
+Step metrics are sums (`loss_sum`, `correct_sum`, `weight_sum`, ...) plus instantaneous values
+(anything else, e.g. `grad_norm`); the loop turns them into means over each logging window
+(`RATIOS` of the sums, averages of the rest).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -28,9 +30,9 @@ from flax import nnx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from flanjax.errors import FlanjaxError
+from flanjax.rundir.checkpoint import Checkpointer
+from flanjax.rundir.metrics import MetricsLog, console
 from flanjax.sharding import Partitioner
-from flanjax.train.checkpoint import Checkpointer, PreemptionWatch
-from flanjax.train.metrics import MetricsLog, console
 
 
 class NonFiniteLossError(FlanjaxError, FloatingPointError):
@@ -39,6 +41,7 @@ class NonFiniteLossError(FlanjaxError, FloatingPointError):
 
 class BatchSource(Protocol):
     def __next__(self) -> Mapping[str, np.ndarray]: ...
+    def element_spec(self) -> Mapping[str, jax.ShapeDtypeStruct]: ...  # this process's batches
     def get_state(self) -> Mapping: ...
     def set_state(self, state: Mapping) -> None: ...
     def close(self) -> None: ...
@@ -63,17 +66,24 @@ class LoopResult:
     evals: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
+# Means the loop derives from step metrics that are sums: name -> (numerator, denominator).
+RATIOS = {
+    "loss": ("loss_sum", "weight_sum"),
+    "token_accuracy": ("correct_sum", "weight_sum"),
+    "pair_accuracy": ("pairs_right_sum", "pair_sum"),  # comparisons: pairs ranked right
+}
+
+
+def summarise(sums: Mapping[str, float]) -> dict[str, float]:
+    """The `RATIOS` of summed metrics whose denominator is not zero."""
+    return {name: sums[num] / sums[den] for name, (num, den) in RATIOS.items() if num in sums and sums.get(den)}
+
+
 def _reduce(window: list[Mapping[str, Any]]) -> dict[str, float]:
     """Host-side means over a logging window of step metrics."""
     host = jax.device_get(window)
     sums = {k: float(sum(m[k] for m in host)) for k in host[0]}
-    out = {k: v / len(host) for k, v in sums.items() if not k.endswith("_sum")}
-    weight = sums.get("weight_sum", 0.0)
-    if weight:
-        out["loss"] = sums["loss_sum"] / weight
-        if "correct_sum" in sums:
-            out["token_accuracy"] = sums["correct_sum"] / weight
-    return out
+    return {**{k: v / len(host) for k, v in sums.items() if not k.endswith("_sum")}, **summarise(sums)}
 
 
 class TrainLoop:
@@ -208,10 +218,9 @@ class TrainLoop:
     def _stop_for_preemption(self, step: int, state: Any) -> None:
         self._save(step, state)
         self.checkpointer.wait()
-        command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0]), *sys.argv[1:]])
         console.print(
             f"[bold yellow]Pre-empted (SIGTERM) at step {step}; checkpoint saved to "
-            f"{self.checkpointer.directory}.[/] Resume with the same command:\n  {command}"
+            f"{self.checkpointer.directory}.[/] Resume with the same command:\n  {resume_command()}"
         )
 
     def _log(self, step: int, window, timed: int, elapsed: float, progress: Progress, task) -> None:
@@ -242,3 +251,35 @@ class TrainLoop:
         self.metrics.write(step, scalars)
         result.evals[step] = scalars
 
+
+def resume_command() -> str:
+    """The command line that started this process, runnable as printed: the script as it was
+    invoked (`.venv/bin/flanjax train ...`), or the interpreter's whole command line under
+    `python -m flanjax.cli`, where argv[0] is the module's file."""
+    argv = sys.orig_argv if sys.argv[0].endswith(".py") else sys.argv
+    return shlex.join(argv)
+
+
+class PreemptionWatch:
+    """Turns SIGTERM (a pre-empted TPU VM, a cluster scheduler) into a flag the loop polls.
+
+    With several processes JAX's preemption service (started by `jax.distributed`) catches
+    the signal and agrees on a step at which every process stops together.
+    """
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self._flag.is_set()
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.reached_preemption_sync_point(step)
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

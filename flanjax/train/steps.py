@@ -1,68 +1,61 @@
-"""Language-model steps (SFT, instruction tuning): pure functions of (state, batch).
+"""Training steps: pure functions of (state, batch), built from a loss function.
 
-`state` is `nnx.state((model, optimizer))` and the batch holds the decoder features of
-`flanjax.data.pipeline`. The loss is the mean cross-entropy over target tokens of the whole
-global batch; with microbatches the gradient is accumulated in a scan and normalised once,
-so it equals the gradient of the full batch.
+`make_train_step(graphdef, loss_fn)` is the step of every trainer whose state is a
+`TrainState` (SFT, reward model, ...): one gradient update of the model's trainable
+parameters (its optimizer's `wrt`: all of them, or the LoRA adapters) on `loss_fn` (see
+`train.losses`). `gradients` is the part a trainer with several models reuses (PPO's policy and
+value model). Dropout keys come from (seed, step), so a resumed run needs no saved RNG state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from flanjax.models.lora import LoraConfig, apply_lora
-from flanjax.models.transformer import Transformer, TransformerConfig
-from flanjax.sharding import Partitioner, shardings_of
-from flanjax.train.objectives import TokenStats, token_cross_entropy
+from flanjax.models.lora import LoraConfig
+from flanjax.models.transformer import TransformerConfig, new_model
+from flanjax.train.losses import LossFn
 
 Batch = Mapping[str, jax.Array]
 
 
-def new_model(config: TransformerConfig, lora: LoraConfig | None = None, seed: int = 0, base: nnx.State | None = None) -> Transformer:
-    """A Transformer with random weights, or `base`'s (a plain model's state), plus LoRA adapters."""
-    model = Transformer(config, rngs=nnx.Rngs(params=seed))
-    if base is not None:
-        nnx.update(model, base)
-    if lora is not None:
-        apply_lora(model, lora, rngs=nnx.Rngs(params=seed + 1))
-    return model
+class TrainState(nnx.Module):
+    """What a trainer updates and checkpoints: the model and its optimizer, by name."""
+
+    def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer):
+        self.model = model
+        self.optimizer = optimizer
+
+    @classmethod
+    def create(cls, model: nnx.Module, tx: optax.GradientTransformation, wrt=nnx.Param) -> TrainState:
+        """`wrt`: which parameters train (nnx.LoRAParam: the adapters only)."""
+        return cls(model, nnx.Optimizer(model, tx, wrt=wrt))
 
 
 def lm_init(config: TransformerConfig, tx: optax.GradientTransformation, seed: int = 0, lora: LoraConfig | None = None):
-    """The function building (model, optimizer), from scratch or from a plain model's state:
-    pass it to `Partitioner.create`. With LoRA the optimizer holds the adapters only."""
+    """The function building a language model's `TrainState`, from scratch or from a plain
+    model's state: pass it to `Partitioner.create`. With LoRA the optimizer holds the adapters only."""
 
-    def init(base: nnx.State | None = None):
-        model = new_model(config, lora, seed, base)
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param if lora is None else nnx.LoRAParam)
+    def init(base: nnx.State | None = None) -> TrainState:
+        return TrainState.create(new_model(config, lora, seed, base), tx, nnx.Param if lora is None else nnx.LoRAParam)
 
     return init
 
 
-def compile_lm_train_step(partitioner: Partitioner, graphdef: nnx.GraphDef, abstract_state, **kwargs):
-    """`make_lm_train_step` jitted with the state's shardings (state buffers donated)."""
-    shardings = shardings_of(abstract_state)
-    return jax.jit(
-        make_lm_train_step(graphdef, **kwargs),
-        in_shardings=(shardings, partitioner.batch_sharding(2)),
-        out_shardings=(shardings, None),
-        donate_argnums=0,
-    )
+def gradients(loss_fn, models: Sequence[nnx.Module], wrts: Sequence, batch, key: jax.Array):
+    """(gradients of each model's `wrt` parameters, metrics) of `loss_fn(*models, batch, rngs)
+    -> (loss, metrics)`, with dropout keyed by `key`."""
+    splits = [nnx.split(model, wrt, ...) for model, wrt in zip(models, wrts)]
 
+    def objective(params):
+        merged = [nnx.merge(graphdef, p, rest) for (graphdef, _, rest), p in zip(splits, params)]
+        return loss_fn(*merged, batch, nnx.Rngs(dropout=key))
 
-def lm_stats(model: nnx.Module, batch: Batch, rngs: nnx.Rngs | None, z_loss: float = 0.0) -> TokenStats:
-    logits, _ = model(
-        batch["decoder_input_tokens"],
-        batch["decoder_positions"],
-        batch["decoder_segment_ids"],
-        rngs=rngs,
-    )
-    return token_cross_entropy(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"], z_loss)
+    return jax.grad(objective, has_aux=True)([params for _, params, _ in splits])
 
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:
@@ -74,53 +67,48 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
     return {k: split(v) for k, v in batch.items()}
 
 
-def make_lm_train_step(graphdef: nnx.GraphDef, *, z_loss: float = 0.0, num_microbatches: int = 1, seed: int = 0):
-    """Returns step(state, batch) -> (state, metrics); metrics are sums to reduce on the host."""
+def _accumulated_gradients(loss_fn: LossFn, model, wrt, batch: Batch, key, num_microbatches: int):
+    """Gradients of the whole batch from a scan over microbatches: each microbatch's gradient
+    counts by its `weight_sum`; sums add up, other metrics average."""
+
+    def one(micro, i):
+        (grads,), metrics = gradients(loss_fn, [model], [wrt], micro, jax.random.fold_in(key, i))
+        weight = metrics.get("weight_sum", jnp.ones(()))
+        return jax.tree.map(lambda g: g * weight, grads), metrics, weight
+
+    def accumulate(carry, xs):
+        return jax.tree.map(jnp.add, carry, one(*xs)), None
+
+    micro = _split_microbatches(batch, num_microbatches)
+    first = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro), 0)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+    (grads, metrics, weight), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(num_microbatches)))
+    grads = jax.tree.map(lambda g: g / jnp.maximum(weight, 1.0), grads)
+    return grads, {k: v if k.endswith("_sum") else v / num_microbatches for k, v in metrics.items()}
+
+
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, *, num_microbatches: int = 1, seed: int = 0):
+    """Returns step(state, batch) -> (state, metrics) for a `TrainState`: one update of the
+    model's trainable parameters on `loss_fn`, the batch split into `num_microbatches`."""
 
     def step(state: nnx.State, batch: Batch):
-        model, optimizer = nnx.merge(graphdef, state)
-        model_def, params, rest = nnx.split(model, optimizer.wrt, ...)  # the trained parameters
-        # Dropout keys from (seed, step): resumable without saving any RNG state.
+        train_state = nnx.merge(graphdef, state)
+        model, optimizer = train_state.model, train_state.optimizer
         key = jax.random.fold_in(jax.random.key(seed), optimizer.step[...])
-
-        def loss_fn(params, micro, key):
-            stats = lm_stats(nnx.merge(model_def, params, rest), micro, nnx.Rngs(dropout=key), z_loss)
-            return stats.loss + stats.z_loss, stats
-
-        grad_fn = jax.grad(loss_fn, has_aux=True)
         if num_microbatches == 1:
-            grads, stats = grad_fn(params, batch, key)
+            (grads,), metrics = gradients(loss_fn, [model], [optimizer.wrt], batch, key)
         else:
-            def accumulate(carry, xs):
-                micro, i = xs
-                g, s = grad_fn(params, micro, jax.random.fold_in(key, i))
-                return jax.tree.map(jnp.add, carry, (g, s)), None
-
-            zeros = (jax.tree.map(jnp.zeros_like, params), TokenStats(*[jnp.zeros((), jnp.float32)] * 4))
-            micro = _split_microbatches(batch, num_microbatches)
-            (grads, stats), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(num_microbatches)))
-
-        grads = jax.tree.map(lambda g: g / jnp.maximum(stats.weight, 1.0), grads)
-        grad_norm = optax.global_norm(grads)
+            grads, metrics = _accumulated_gradients(loss_fn, model, optimizer.wrt, batch, key, num_microbatches)
         optimizer.update(model, grads)
-        metrics = {
-            "loss_sum": stats.loss,
-            "z_loss_sum": stats.z_loss,
-            "correct_sum": stats.correct,
-            "weight_sum": stats.weight,
-            "grad_norm": grad_norm,
-        }
-        return nnx.state((model, optimizer)), metrics
+        return nnx.state(train_state), {**metrics, "grad_norm": optax.global_norm(grads)}
 
     return step
 
 
-def make_lm_eval_step(graphdef: nnx.GraphDef):
-    """Returns step(state, batch) -> summed loss statistics, without dropout or updates."""
+def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn):
+    """Returns step(state, batch) -> the loss function's metrics, without dropout or updates."""
 
     def step(state: nnx.State, batch: Batch):
-        model, _ = nnx.merge(graphdef, state)
-        stats = lm_stats(model, batch, None)
-        return {"loss_sum": stats.loss, "correct_sum": stats.correct, "weight_sum": stats.weight}
+        return loss_fn(nnx.merge(graphdef, state).model, batch, None)[1]
 
     return step

@@ -10,7 +10,9 @@ import jax
 from clu.metric_writers.tf.summary_writer import SummaryWriter
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
+# soft_wrap: a line is never broken at the console width, so logs and the printed resume
+# command stay whole when stderr is a file or a pipe (where rich assumes 80 columns).
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class MetricsLog:

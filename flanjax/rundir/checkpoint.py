@@ -1,8 +1,10 @@
-"""Orbax checkpoints of (model, optimizer) state plus the data stream's position.
+"""Orbax checkpoints of a trained state plus the data stream's position.
 
-Layout: `<model_dir>/checkpoints/<step>/{state,data}`. Orbax writes each step into a
-temporary directory and renames it only once complete, so a run killed in the middle of a
-save leaves no step that a later run could mistake for a good one; the leftovers are
+Layout: `<model_dir>/checkpoints/<step>/{state,data,meta}`. The state is named (`model`,
+`optimizer`, and whatever else a trainer keeps, e.g. PPO's `value`), so any reader finds the
+model under `model/`; `meta` records the layout's `FORMAT_VERSION`. Orbax writes each step
+into a temporary directory and renames it only once complete, so a run killed in the middle
+of a save leaves no step that a later run could mistake for a good one; the leftovers are
 removed when the next run opens the directory.
 """
 
@@ -10,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +29,10 @@ class CheckpointMismatchError(FlanjaxError, ValueError):
 
 class CheckpointNotFoundError(FlanjaxError, FileNotFoundError):
     pass
+
+
+# 1: the state was a tuple, saved under "0", "1", ... (the model first); 2: named fields.
+FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +67,11 @@ class Checkpointer:
                 create=not read_only,
                 read_only=read_only,
             ),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:
@@ -79,12 +87,26 @@ class Checkpointer:
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(_pure(state)),
                 data=ocp.args.JsonSave(dict(data_state or {})),
+                meta=ocp.args.JsonSave({"format_version": FORMAT_VERSION}),
             ),
             force=True,
         )
 
+    def format_version(self, step: int) -> int:
+        if not os.path.isdir(os.path.join(self.directory, str(step), "meta")):
+            return 1  # written before the version was recorded
+        return int(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]["format_version"])
+
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores straight into the shardings carried by `abstract_state`'s leaves."""
+        version = self.format_version(step)
+        if version != FORMAT_VERSION:
+            raise CheckpointMismatchError(
+                f"checkpoint {os.path.join(self.directory, str(step))} has format version {version}, but "
+                f"this flanjax resumes only version {FORMAT_VERSION} (a named state: model, optimizer, ...). "
+                "Its model can still be read: start a fresh model_dir from it with init_checkpoint, or "
+                "evaluate or convert it."
+            )
         target = _pure(abstract_state)
         self.check_compatible(step, target)
         restored = self.manager.restore(
@@ -100,9 +122,10 @@ class Checkpointer:
         return state, dict(restored["data"] or {})
 
     def restore_model(self, step: int, abstract_model: Any) -> Any:
-        """Only the model's state (the first half of the saved (model, optimizer) state),
-        straight into `abstract_model`'s shardings: for evaluation, no optimizer state read."""
-        target = {0: _pure(abstract_model)}
+        """Only the model's state (the saved state's `model`), straight into `abstract_model`'s
+        shardings: for evaluation, no optimizer state read. Reads format versions 1 and 2."""
+        key = "model" if self.format_version(step) == FORMAT_VERSION else 0
+        target = {key: _pure(abstract_model)}
         self.check_compatible(step, target)
         restored = ocp.PyTreeCheckpointer().restore(
             os.path.join(self.directory, str(step), "state"),
@@ -112,7 +135,7 @@ class Checkpointer:
                 partial_restore=True,
             ),
         )
-        return filled(abstract_model, restored[0])
+        return filled(abstract_model, restored[key])
 
     def check_compatible(self, step: int, target: Any) -> None:
         """Names the first parameter whose shape (or presence) differs from the model's, within
@@ -146,28 +169,3 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
-
-
-class PreemptionWatch:
-    """Turns SIGTERM (a pre-empted TPU VM, a cluster scheduler) into a flag the loop polls.
-
-    With several processes JAX's preemption service (started by `jax.distributed`) catches
-    the signal and agrees on a step at which every process stops together.
-    """
-
-    def __init__(self):
-        self._flag = threading.Event()
-        self._previous = None
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
-
-    def should_stop(self, step: int) -> bool:
-        if jax.process_count() == 1:
-            return self._flag.is_set()
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.reached_preemption_sync_point(step)
-
-    def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)

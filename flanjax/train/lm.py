@@ -1,0 +1,141 @@
+"""`flanjax train` with TRAINER = "lm": language-model training (instruction tuning, SFT) on a
+seqio mixture.
+
+`train()` is configured by gin (configs/runs/sft.gin and the files that include it): the
+loss is `losses.lm_loss`; the model is a fresh Transformer or an initial checkpoint's, with
+optional LoRA adapters; the hooks are validation loss and the `Evaluator`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from rich.table import Table
+
+from flanjax.data.pipeline import SeqioBatches, check_vocabulary
+from flanjax.eval.evaluator import EvalConfig, Evaluator, TaskResult, flat_metrics
+from flanjax.eval.report import write_results
+from flanjax.models.lora import LoraConfig
+from flanjax.models.transformer import Transformer, TransformerConfig, new_model
+from flanjax.rundir.checkpoint import CheckpointConfig, Checkpointer
+from flanjax.rundir.files import resolve_checkpoint
+from flanjax.rundir.metrics import console
+from flanjax.sharding import MeshConfig, Partitioner
+from flanjax.train import throughput, trainer
+from flanjax.train.loop import LoopConfig, LoopResult
+from flanjax.train.losses import lm_loss
+from flanjax.train.optim import OptimizerConfig, make_optimizer, make_schedule
+from flanjax.train.steps import lm_init, make_eval_step, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+    split: str = "validation"
+    num_batches: int = 10
+
+
+def train(
+    *,
+    model_dir: str,
+    model: TransformerConfig,
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    batch_size: int,
+    loop: LoopConfig,
+    optimizer: OptimizerConfig = OptimizerConfig(),
+    mesh: MeshConfig = MeshConfig(),
+    checkpoint: CheckpointConfig = CheckpointConfig(),
+    validation: ValidationConfig | None = ValidationConfig(),
+    evaluation: EvalConfig | None = None,
+    pack: bool = True,
+    shuffle: bool = True,
+    num_microbatches: int = 1,
+    z_loss: float = 0.0,
+    seed: int = 0,
+    init_checkpoint: str | None = None,
+    lora: LoraConfig | None = None,
+) -> LoopResult:
+    """Trains `model` on `mixture_or_task_name` for `loop.num_steps` steps of `batch_size`
+    sequences (global), resuming from `model_dir` if it holds checkpoints.
+
+    `init_checkpoint`: a run directory (its latest step) or step directory whose model
+    weights start a fresh run, e.g. one written by `flanjax convert from-hf`. `lora`: train
+    low-rank adapters on those weights, which stay frozen."""
+    partitioner = Partitioner.from_config(mesh)
+    per_process = partitioner.per_process_batch_size(batch_size)
+    check_vocabulary(mixture_or_task_name, model.vocab_size)
+    batches = SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process, seed=seed, pack=pack, shuffle=shuffle)
+    loss = lm_loss(z_loss)
+    evaluations: dict[int, dict[str, TaskResult]] = {}
+
+    def make_hooks(graphdef, abstract):
+        hooks = {}
+        if validation is not None:
+            source = SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process, split=validation.split,
+                                  shuffle=False, pack=pack, num_epochs=1)  # fmt: skip
+            hooks["validation"] = trainer.validation_hook(partitioner, make_eval_step(graphdef, loss), abstract, source,
+                                                          validation.num_batches)  # fmt: skip
+        if evaluation is not None:
+            evaluator = Evaluator(
+                evaluation, model=model, graphdef=nnx.split(nnx.eval_shape(lambda: new_model(model, lora)))[0],
+                partitioner=partitioner, task_feature_lengths=task_feature_lengths, default_task=mixture_or_task_name,
+            )  # fmt: skip
+
+            def evaluate(step: int, state) -> dict[str, float]:
+                evaluations[step] = evaluator(step, state["model"])
+                return flat_metrics(evaluations[step])
+
+            hooks["eval"] = evaluate
+        return hooks
+
+    origin = None if init_checkpoint is None else resolve_checkpoint(init_checkpoint)
+
+    def pretrained():
+        if origin is None:
+            return ()
+        console.print(f"Initialising from {origin[0]} step {origin[1]}")
+        plain = partitioner.abstract_state(lambda: Transformer(model, rngs=nnx.Rngs(0)))[1]
+        return (Checkpointer(origin[0], read_only=True).restore_model(origin[1], plain),)
+
+    seq_len = sum(task_feature_lengths.values())
+    result = trainer.run(trainer.Trainer(
+        description=f"Training {model.num_params() / 1e6:.2f}M parameters on {mixture_or_task_name} for {loop.num_steps} steps",
+        model_dir=model_dir, model=model, lora=lora, origin=origin and origin[0], partitioner=partitioner,
+        loop=loop, checkpoint=checkpoint, batches=batches,
+        init=lm_init(model, make_optimizer(optimizer, loop.num_steps), seed, lora), pretrained=pretrained,
+        compile_step=lambda graphdef, abstract, spec: trainer.jit_step(
+            make_train_step(graphdef, loss, num_microbatches=num_microbatches, seed=seed), abstract, spec),
+        make_hooks=make_hooks, learning_rate=make_schedule(optimizer, loop.num_steps),
+        tokens_per_step=batch_size * seq_len,
+        flops_per_step=batch_size * seq_len * throughput.train_flops_per_token(model, seq_len),
+        peak_flops=throughput.peak_flops(),
+    ))  # fmt: skip
+    if evaluations:
+        last = max(evaluations)
+        checkpoint_dir = os.path.join(model_dir, "checkpoints", str(last))
+        write_results(evaluations[last], model_dir, last, checkpoint=os.path.abspath(checkpoint_dir))
+    if jax.process_index() == 0:
+        _print_eval_table(result)
+    return result
+
+
+def _print_eval_table(result: LoopResult) -> None:
+    """Per-task metrics: the first evaluation against the last."""
+    if len(result.evals) < 2:
+        return
+    first, last = min(result.evals), max(result.evals)
+    keys = sorted(k for k in result.evals[last] if k.startswith("eval/"))
+    if not keys:
+        return
+    table = Table(title=f"Held-out evaluation: step {first} vs step {last}")
+    table.add_column("task / metric")
+    table.add_column(f"step {first}" + (" (untrained)" if first == 0 else ""), justify="right")
+    table.add_column(f"step {last}", justify="right")
+    for k in keys:
+        table.add_row(k.removeprefix("eval/"), f"{result.evals[first].get(k, np.nan):.1f}", f"{result.evals[last][k]:.1f}")
+    console.print(table)
