@@ -61,6 +61,7 @@ def params(model) -> dict[str, np.ndarray]:
     return {"/".join(map(str, p)): np.asarray(v.value) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+@pytest.mark.slow
 def test_from_hf_train_with_lora_and_back(hf_dir, tmp_path, repo_root, monkeypatch):
     monkeypatch.chdir(repo_root)
     source = {k: v.numpy() for k, v in transformers.AutoModelForCausalLM.from_pretrained(hf_dir).state_dict().items()}

@@ -226,6 +226,7 @@ def test_lora_policy_trains_its_adapters_only_and_ema_follows():
 # --- the command line, end to end ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_label_reward_ppo_sample_from_the_command_line(tmp_path, capsys):
     """A tiny SFT run -> rubric labels -> reward model -> PPO (with PPO-ptx and EMA; resumed) ->
     best-of-n, through `flanjax` and the demo's run configs."""

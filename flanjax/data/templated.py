@@ -201,11 +201,7 @@ def add_task(
         raise TaskDefinitionError(f"task {name!r}: the option list is empty; a classification task needs its options.")
     check_templates(name, templates, fields)
     if options is not None:
-        _check_classification_templates(name, templates)
-        templates = tuple(
-            t if t.turned_around else dataclasses.replace(t, inputs=t.inputs + "{" + _OPTIONS_BLOCK + "}")
-            for t in templates
-        )
+        templates = _with_options(name, templates)
 
     to_fields = _fields_preprocessor(name, fields, options, references)
     tokenize = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
@@ -224,15 +220,7 @@ def add_task(
         eval_task, fewshot_task = f"{name}_eval", f"{name}_fewshot"
         _check_name_free(eval_task)
         _check_name_free(fewshot_task)
-        if options is not None:
-            passthrough, tail = (OPTIONS,), [rank_classification, *tokenize]
-            metric_fns = [functools.partial(rank_classification_metric, num_classes=len(fixed) if fixed else None)]
-            postprocess = rank_classification_targets
-            metric_names = ("accuracy", "f1") if fixed else ("accuracy",)
-        else:
-            passthrough = (REFERENCES,) if references is not None else ()
-            tail, metric_fns, postprocess = tokenize, list(metrics), _postprocess_generation
-            metric_names = tuple(getattr(m, "__name__", type(m).__name__) for m in metrics)
+        passthrough, tail, metric_fns, postprocess, metric_names = _evaluation(options, fixed, references, metrics, tokenize)
         head = [*preprocessors, to_fields]
         render = templates_preprocessor(forward, seed, passthrough=passthrough)
         shots = fewshot.exemplars_preprocessor(forward, source, head, vocabulary, fewshot_config)
@@ -242,17 +230,31 @@ def add_task(
                 postprocess_fn=postprocess, metric_fns=metric_fns,
             )  # fmt: skip
     task = TemplatedTask(
-        name=name,
-        cluster=cluster,
+        name=name, cluster=cluster, templates=templates, metrics=metric_names, eval_task=eval_task, fewshot_task=fewshot_task,
         source=str(source) if type(source).__str__ is not object.__str__ else type(source).__name__,
-        templates=templates,
         options=fixed if fixed is not None else (() if options is not None else None),
-        metrics=metric_names,
-        eval_task=eval_task,
-        fewshot_task=fewshot_task,
     )
     _TASKS[name] = task
     return task
+
+
+def _with_options(name: str, templates: tuple[Template, ...]) -> tuple[Template, ...]:
+    """A classification task's templates: the forward ones list the options after the prompt."""
+    _check_classification_templates(name, templates)
+    return tuple(t if t.turned_around else dataclasses.replace(t, inputs=t.inputs + "{" + _OPTIONS_BLOCK + "}") for t in templates)
+
+
+def _evaluation(options, fixed, references, metrics, tokenize):
+    """How the evaluation variants render and score: (fields kept, steps after rendering, metric
+    functions, postprocessor, metric names). Rank classification over the options for a
+    classification task; the metrics on generated text otherwise."""
+    if options is not None:
+        metric_fns = [functools.partial(rank_classification_metric, num_classes=len(fixed) if fixed else None)]
+        names = ("accuracy", "f1") if fixed else ("accuracy",)
+        return (OPTIONS,), [rank_classification, *tokenize], metric_fns, rank_classification_targets, names
+    names = tuple(getattr(m, "__name__", type(m).__name__) for m in metrics)
+    passthrough = (REFERENCES,) if references is not None else ()
+    return passthrough, tokenize, list(metrics), _postprocess_generation, names
 
 
 def label(names: Sequence[str], key: str = "label") -> Callable[[Mapping[str, tf.Tensor]], tf.Tensor]:

@@ -129,15 +129,16 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, individual_digits: b
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-@gin.configurable(module="flanjax")
+@gin.configurable
 def default_tokenizer(path: str | None = None) -> str:
     """Directory of the tokenizer that tasks registered without a vocabulary of their own
-    (FLAN's) use: gin's `flanjax.default_tokenizer.path`, else $FLANJAX_TOKENIZER."""
+    (FLAN's) use: gin's `vocab.default_tokenizer.path` (`TOKENIZER` in the run configs), else
+    $FLANJAX_TOKENIZER."""
     path = path or os.environ.get("FLANJAX_TOKENIZER")
     if not path:
         raise TokenizerNotFoundError(
             "no tokenizer set for the templated tasks (FLAN and your own): pass "
-            "--gin.flanjax.default_tokenizer.path=DIR, or set FLANJAX_TOKENIZER=DIR, where DIR "
+            "--gin.vocab.default_tokenizer.path=DIR, or set FLANJAX_TOKENIZER=DIR, where DIR "
             "holds the model's Hugging Face tokenizer files (`hf download MODEL --local-dir DIR`)."
         )
     return path

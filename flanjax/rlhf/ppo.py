@@ -45,8 +45,8 @@ from flanjax.models.transformer import Transformer, TransformerConfig, new_model
 from flanjax.rlhf.advantages import gae, masked_mean, masked_var, whiten
 from flanjax.rlhf.kl import KLConfig, kl_penalty, update_beta
 from flanjax.rlhf.reward import load_reward_model, sequence_scores
-from flanjax.rundir.checkpoint import CheckpointConfig, Checkpointer
-from flanjax.rundir.files import read_model_config, resolve_checkpoint
+from flanjax.rundir.checkpoint import CheckpointConfig
+from flanjax.rundir.files import read_model_config, resolve_checkpoint, restore_weights
 from flanjax.sharding import MeshConfig, Partitioner, shardings_of
 from flanjax.train import trainer
 from flanjax.train.loop import LoopConfig, LoopResult
@@ -414,6 +414,21 @@ def ppo_init(policy: TransformerConfig, value: TransformerConfig, tx: optax.Grad
     return init
 
 
+def _check_batches(batch_size: int, ppo: PPOConfig, ptx: PtxConfig | None, partitioner: Partitioner) -> None:
+    if batch_size % ppo.num_minibatches:
+        raise PPOConfigError(f"batch_size {batch_size} does not split into {ppo.num_minibatches} minibatches; pick a multiple.")
+    if ppo.ptx_coef and ptx is None:
+        raise PPOConfigError(
+            f"ptx_coef={ppo.ptx_coef} but no pre-training data: bind ppo.train_ppo.ptx = @ppo.PtxConfig() "
+            "with its mixture_or_task_name and task_feature_lengths, or set ptx_coef to 0."
+        )
+    if (batch_size // ppo.num_minibatches) % partitioner.data_parallel_size:
+        raise PPOConfigError(
+            f"minibatches of {batch_size // ppo.num_minibatches} prompts do not split over the "
+            f"{partitioner.data_parallel_size} data-parallel shards; raise batch_size or lower num_minibatches."
+        )
+
+
 # --- `flanjax train` with configs/runs/ppo.gin -----------------------------------------------
 
 
@@ -439,19 +454,8 @@ def train_ppo(
 ) -> LoopResult:
     """PPO of the SFT policy `policy_checkpoint` against reward model `reward_checkpoint` on the
     prompts (`inputs`) of `mixture_or_task_name`; `loop.num_steps` iterations of `batch_size` prompts."""
-    if batch_size % ppo.num_minibatches:
-        raise PPOConfigError(f"batch_size {batch_size} does not split into {ppo.num_minibatches} minibatches; pick a multiple.")
-    if ppo.ptx_coef and ptx is None:
-        raise PPOConfigError(
-            f"ptx_coef={ppo.ptx_coef} but no pre-training data: bind ppo.train_ppo.ptx = @ppo.PtxConfig() "
-            "with its mixture_or_task_name and task_feature_lengths, or set ptx_coef to 0."
-        )
     partitioner = Partitioner.from_config(mesh)
-    if (batch_size // ppo.num_minibatches) % partitioner.data_parallel_size:
-        raise PPOConfigError(
-            f"minibatches of {batch_size // ppo.num_minibatches} prompts do not split over the "
-            f"{partitioner.data_parallel_size} data-parallel shards; raise batch_size or lower num_minibatches."
-        )
+    _check_batches(batch_size, ppo, ptx, partitioner)
     per_process = partitioner.per_process_batch_size(batch_size)
     task = get_task_or_mixture(mixture_or_task_name)
     vocabulary = task.output_features["inputs"].vocabulary
@@ -467,8 +471,7 @@ def train_ppo(
     if ptx is not None:
         ptx_batches = SeqioBatches(ptx.mixture_or_task_name, ptx.task_feature_lengths,
                                    partitioner.per_process_batch_size(ptx.batch_size), seed=seed)  # fmt: skip
-    plain_def, plain = partitioner.abstract_state(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-    reference = Checkpointer(policy_dir, read_only=True).restore_model(policy_step, plain)
+    plain_def, reference = restore_weights(policy_dir, policy_step, config, partitioner)
     policy_def = nnx.split(nnx.eval_shape(lambda: new_model(config, lora)))[0]
 
     def reward_fn(params, tokens, lengths):

@@ -33,9 +33,9 @@ from flanjax.data.vocab import DEFAULT_VOCABULARY, HFVocabulary
 from flanjax.decode import SamplingConfig, decoder_prompt, generate_texts
 from flanjax.errors import FlanjaxError
 from flanjax.models.heads import ScoreModel, score_model_from_lm
-from flanjax.models.transformer import Transformer, TransformerConfig
+from flanjax.models.transformer import TransformerConfig
 from flanjax.rundir.checkpoint import CheckpointConfig, Checkpointer
-from flanjax.rundir.files import read_model_config, resolve_checkpoint, restore
+from flanjax.rundir.files import read_model_config, resolve_checkpoint, restore, restore_weights
 from flanjax.rundir.metrics import console
 from flanjax.sharding import MeshConfig, Partitioner
 from flanjax.train import trainer
@@ -234,15 +234,12 @@ def train_reward(
         return {"validation": trainer.validation_hook(partitioner, make_eval_step(graphdef, reward_loss), abstract, valid,
                                                       validation_batches)}  # fmt: skip
 
-    def pretrained():
-        plain = partitioner.abstract_state(lambda: Transformer(config, rngs=nnx.Rngs(0)))[1]
-        return (Checkpointer(sft_dir, read_only=True).restore_model(sft_step, plain),)
-
     result = trainer.run(trainer.Trainer(
         description=f"Training a reward model from {sft_dir} step {sft_step} on {name}",
         model_dir=model_dir, model=config, partitioner=partitioner, loop=loop, checkpoint=checkpoint,
         batches=PreferenceBatches(name, None, per_process, seed=seed, **shape),
-        init=lambda lm=None: TrainState.create(score_model_from_lm(config, lm, seed), tx), pretrained=pretrained,
+        init=lambda lm=None: TrainState.create(score_model_from_lm(config, lm, seed), tx),
+        pretrained=lambda: (restore_weights(sft_dir, sft_step, config, partitioner)[1],),
         compile_step=lambda graphdef, abstract, spec: trainer.jit_step(make_train_step(graphdef, reward_loss, seed=seed), abstract, spec),
         make_hooks=make_hooks, learning_rate=make_schedule(optimizer, loop.num_steps),
         console_keys=("loss", "pair_accuracy", "grad_norm"),
@@ -250,28 +247,33 @@ def train_reward(
     if result.preempted:  # normalised when the rerun finishes
         return result
 
-    # Normalise against the reference policy's own samples.
-    prompts = sorted(set(task_prompts(name, "train", normalisation.num_prompts)[0]))
-    policy_def, policy_state, _ = restore(init_checkpoint, partitioner)
-    responses = generate_texts(policy_def, policy_state, vocabulary, prompts, config=normalisation.sampling,
-                               partitioner=partitioner, prompt_len=prompt_len, batch_size=normalisation.batch_size,
-                               seed=seed)  # fmt: skip
-    model_def = nnx.split(nnx.eval_shape(lambda: ScoreModel(config, rngs=nnx.Rngs(0))))[0]
+    stats = _normalisation(result, name, init_checkpoint, vocabulary, partitioner, normalisation, prompt_len, response_len, seed)
+    if jax.process_index() == 0:
+        with open(os.path.join(model_dir, REWARD_FILE), "w") as f:
+            json.dump(stats, f, indent=2)
+    console.print(f"Reward normalised on {stats['num_samples']} reference samples: shift {stats['shift']:.4g}, scale {stats['scale']:.4g}")
+    return result
+
+
+def _normalisation(result: LoopResult, task: str, sft: str, vocabulary, partitioner: Partitioner, config: NormalisationConfig,
+                   prompt_len: int, response_len: int, seed: int) -> dict:  # fmt: skip
+    """reward.json: the shift and scale that give the reference (SFT) policy's own samples mean 0
+    and standard deviation 1, and the tokenizer and layout the scores were read with."""
+    prompts = sorted(set(task_prompts(task, "train", config.num_prompts)[0]))
+    policy_def, policy_state, model = restore(sft, partitioner)
+    responses = generate_texts(policy_def, policy_state, vocabulary, prompts, config=config.sampling, partitioner=partitioner,
+                               prompt_len=prompt_len, batch_size=config.batch_size, seed=seed)  # fmt: skip
+    model_def = nnx.split(nnx.eval_shape(lambda: ScoreModel(model, rngs=nnx.Rngs(0))))[0]
     raw = _text_scores(model_def, result.state["model"], partitioner, vocabulary, prompts, responses, prompt_len,
-                       response_len, normalisation.batch_size)  # fmt: skip
-    stats = {
+                       response_len, config.batch_size)  # fmt: skip
+    return {
         "shift": float(raw.mean()),
         "scale": float(max(raw.std(), 1e-6)),
         "num_samples": len(raw),
         "step": result.step,
-        "reference_policy": sft_dir,
+        "reference_policy": resolve_checkpoint(sft)[0],
         "tokenizer": vocabulary.fingerprint(),
         "tokenizer_path": vocabulary.path,
         "prompt_len": prompt_len,
         "response_len": response_len,
     }
-    if jax.process_index() == 0:
-        with open(os.path.join(model_dir, REWARD_FILE), "w") as f:
-            json.dump(stats, f, indent=2)
-    console.print(f"Reward normalised on {len(raw)} reference samples: shift {stats['shift']:.4g}, scale {stats['scale']:.4g}")
-    return result

@@ -14,7 +14,7 @@ import os
 from flax import nnx
 
 from flanjax.models.lora import LoraConfig
-from flanjax.models.transformer import TransformerConfig, new_model
+from flanjax.models.transformer import Transformer, TransformerConfig, new_model
 from flanjax.rundir.checkpoint import Checkpointer, CheckpointNotFoundError
 from flanjax.sharding import Partitioner
 
@@ -93,3 +93,10 @@ def restore(checkpoint_path: str, partitioner: Partitioner) -> tuple[nnx.GraphDe
     config = read_model_config(run_dir)
     graphdef, abstract = partitioner.abstract_state(lambda: new_model(config, read_lora_config(run_dir)))
     return graphdef, Checkpointer(run_dir, read_only=True).restore_model(step, abstract), config
+
+
+def restore_weights(run_dir: str, step: int, config: TransformerConfig, partitioner: Partitioner) -> tuple[nnx.GraphDef, nnx.State]:
+    """The plain Transformer weights (no adapters) of a run at `step`, restored into their
+    shardings: what starts a new run from an earlier one."""
+    graphdef, abstract = partitioner.abstract_state(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    return graphdef, Checkpointer(run_dir, read_only=True).restore_model(step, abstract)

@@ -21,9 +21,9 @@ from flanjax.data.pipeline import SeqioBatches, check_vocabulary
 from flanjax.eval.evaluator import EvalConfig, Evaluator, TaskResult, flat_metrics
 from flanjax.eval.report import write_results
 from flanjax.models.lora import LoraConfig
-from flanjax.models.transformer import Transformer, TransformerConfig, new_model
-from flanjax.rundir.checkpoint import CheckpointConfig, Checkpointer
-from flanjax.rundir.files import resolve_checkpoint
+from flanjax.models.transformer import TransformerConfig, new_model
+from flanjax.rundir.checkpoint import CheckpointConfig
+from flanjax.rundir.files import resolve_checkpoint, restore_weights
 from flanjax.rundir.metrics import console
 from flanjax.sharding import MeshConfig, Partitioner
 from flanjax.train import throughput, trainer
@@ -81,16 +81,10 @@ def train(
             hooks["validation"] = trainer.validation_hook(partitioner, make_eval_step(graphdef, loss), abstract, source,
                                                           validation.num_batches)  # fmt: skip
         if evaluation is not None:
-            evaluator = Evaluator(
-                evaluation, model=model, graphdef=nnx.split(nnx.eval_shape(lambda: new_model(model, lora)))[0],
-                partitioner=partitioner, task_feature_lengths=task_feature_lengths, default_task=mixture_or_task_name,
-            )  # fmt: skip
-
-            def evaluate(step: int, state) -> dict[str, float]:
-                evaluations[step] = evaluator(step, state["model"])
-                return flat_metrics(evaluations[step])
-
-            hooks["eval"] = evaluate
+            model_def = nnx.split(nnx.eval_shape(lambda: new_model(model, lora)))[0]
+            hooks["eval"] = evaluation_hook(Evaluator(evaluation, model=model, graphdef=model_def, partitioner=partitioner,
+                                                      task_feature_lengths=task_feature_lengths,
+                                                      default_task=mixture_or_task_name), evaluations)  # fmt: skip
         return hooks
 
     origin = None if init_checkpoint is None else resolve_checkpoint(init_checkpoint)
@@ -99,8 +93,7 @@ def train(
         if origin is None:
             return ()
         console.print(f"Initialising from {origin[0]} step {origin[1]}")
-        plain = partitioner.abstract_state(lambda: Transformer(model, rngs=nnx.Rngs(0)))[1]
-        return (Checkpointer(origin[0], read_only=True).restore_model(origin[1], plain),)
+        return (restore_weights(*origin, model, partitioner)[1],)
 
     seq_len = sum(task_feature_lengths.values())
     result = trainer.run(trainer.Trainer(
@@ -122,6 +115,16 @@ def train(
     if jax.process_index() == 0:
         _print_eval_table(result)
     return result
+
+
+def evaluation_hook(evaluator: Evaluator, results: dict[int, dict[str, TaskResult]]):
+    """The evaluator as a loop hook on the trained state's model; keeps each step's results."""
+
+    def evaluate(step: int, state) -> dict[str, float]:
+        results[step] = evaluator(step, state["model"])
+        return flat_metrics(results[step])
+
+    return evaluate
 
 
 def _print_eval_table(result: LoopResult) -> None:

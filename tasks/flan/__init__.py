@@ -3,7 +3,7 @@
 Importing this package registers every task (`flan_<dataset>`, `flan_<dataset>_eval`,
 `flan_<dataset>_fewshot`) and FLAN's mixtures (see `tasks.flan.mixtures`). The tasks
 tokenize with `flanjax.data.vocab.DEFAULT_VOCABULARY`: bind
-`flanjax.default_tokenizer.path` (or set $FLANJAX_TOKENIZER) to the model's tokenizer.
+`vocab.default_tokenizer.path` (or set $FLANJAX_TOKENIZER) to the model's tokenizer.
 """
 
 from tasks.flan import (  # noqa: F401  (imported to register; order = cluster order)
