@@ -148,8 +148,8 @@ def load_reward_model(checkpoint_path: str, partitioner: Partitioner, vocabulary
     if "shift" not in stats or "scale" not in stats:
         raise RewardModelError(
             f"reward model {run_dir} has no normalisation stats ({path} is missing or incomplete): "
-            "its training did not finish. Run the same `flanjax train --gin_file=...reward.gin` command again; it "
-            "resumes and normalises at the end."
+            "its training did not finish. Run its `flanjax train` command again (the run file with "
+            "TRAINER = \"reward\", e.g. configs/runs/reward.gin): it resumes and normalises at the end."
         )
     if vocabulary is not None and stats.get("tokenizer") != vocabulary.fingerprint():
         raise RewardModelError(
