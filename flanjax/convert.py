@@ -19,7 +19,7 @@ import shutil
 import jax
 from flax import nnx
 
-from flanjax.rundir.files import read_init_checkpoint, resolve_checkpoint, restore, write_model_config
+from flanjax.rundir.files import TOKENIZER_DIR, lineage, resolve_checkpoint, restore, run_vocabulary, write_model_config
 from flanjax.models import hf
 from flanjax.models.lora import remove_lora
 from flanjax.models.transformer import TransformerConfig
@@ -27,7 +27,6 @@ from flanjax.sharding import MeshConfig, Partitioner
 from flanjax.rundir.checkpoint import Checkpointer, CheckpointConfig
 
 HF_CONFIG_FILE = "hf_config.json"  # the Hugging Face config a run descends from
-TOKENIZER_DIR = "tokenizer"
 
 
 def _has_tokenizer(path: str) -> bool:
@@ -99,15 +98,8 @@ def model_gin(config: TransformerConfig, run_dir: str, source: str, tokenizer: b
 
 
 def _origin(run_dir: str) -> str | None:
-    """The run directory holding the HF config and tokenizer this run descends from: itself,
-    or (recursively) the run its weights were initialised from."""
-    seen = set()
-    while run_dir and run_dir not in seen:
-        seen.add(run_dir)
-        if os.path.exists(os.path.join(run_dir, HF_CONFIG_FILE)):
-            return run_dir
-        run_dir = read_init_checkpoint(run_dir)
-    return None
+    """The run directory holding the HF config this run descends from, if any."""
+    return next((d for d in lineage(run_dir) if os.path.exists(os.path.join(d, HF_CONFIG_FILE))), None)
 
 
 def to_hf(checkpoint: str, out_dir: str, *, mesh: MeshConfig = MeshConfig(data=1, fsdp=-1)) -> str:
@@ -125,6 +117,7 @@ def to_hf(checkpoint: str, out_dir: str, *, mesh: MeshConfig = MeshConfig(data=1
         with open(os.path.join(origin, HF_CONFIG_FILE)) as f:
             base = json.load(f)
     hf.save_model(model, out_dir, base)
-    if origin is not None and os.path.isdir(os.path.join(origin, TOKENIZER_DIR)) and jax.process_index() == 0:
-        shutil.copytree(os.path.join(origin, TOKENIZER_DIR), out_dir, dirs_exist_ok=True)
+    vocabulary = run_vocabulary(run_dir)
+    if vocabulary is not None and jax.process_index() == 0:
+        shutil.copytree(vocabulary.path, out_dir, dirs_exist_ok=True)
     return out_dir

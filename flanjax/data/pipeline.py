@@ -53,8 +53,12 @@ def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
     return provider
 
 
-def text_examples(task_name: str, split: str = "train", n: int = 5) -> list[dict]:
-    """The first `n` examples of a task as text: its preprocessing up to tokenization."""
+def text_examples(task_name: str, split: str = "train", n: int = 5, *, whole_examples: bool = False) -> list[dict]:
+    """The first `n` examples of a task as text: its preprocessing up to tokenization.
+
+    A rank-classification task makes a row per option of each example (`idx`: example,
+    option); `whole_examples` returns every row of its first `n` examples, not `n` rows.
+    """
     task = get_task_or_mixture(task_name)
     if not isinstance(task, seqio.Task):
         raise TaskNotFoundError(f"{task_name!r} is a mixture; name one of its tasks: {', '.join(t.name for t in task.tasks)}.")
@@ -65,6 +69,8 @@ def text_examples(task_name: str, split: str = "train", n: int = 5) -> list[dict
         if step in _TOKENIZERS:
             break
         ds = step(ds)
+    if whole_examples and "is_correct" in ds.element_spec and "idx" in ds.element_spec:
+        return list(ds.take_while(lambda row: row["idx"][0] < n).as_numpy_iterator())
     return list(ds.take(n).as_numpy_iterator())
 
 
@@ -97,10 +103,12 @@ class VocabularyMismatchError(FlanjaxError, ValueError):
     pass
 
 
-def check_vocabulary(name: str, model_vocab_size: int) -> None:
-    """Every feature's vocabulary must fit the model's embedding table."""
+def check_vocabulary(name: str, model_vocab_size: int) -> seqio.Vocabulary:
+    """Every feature's vocabulary must fit the model's embedding table, and all of a mixture's
+    tasks must tokenize alike: returns that one vocabulary."""
     provider = get_task_or_mixture(name)
     tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    found: dict = {}  # token mapping -> (task name, vocabulary)
     for task in tasks:
         for feature_name, feature in task.output_features.items():
             size = feature.vocabulary.vocab_size
@@ -111,6 +119,15 @@ def check_vocabulary(name: str, model_vocab_size: int) -> None:
                     "vocab_size (e.g. --gin.transformer.TransformerConfig.vocab_size=...) to at "
                     "least that."
                 )
+            key = feature.vocabulary.fingerprint() if hasattr(feature.vocabulary, "fingerprint") else feature.vocabulary
+            found.setdefault(key, (task.name, feature.vocabulary))
+    if len(found) > 1:
+        (a, va), (b, vb) = list(found.values())[:2]
+        raise VocabularyMismatchError(
+            f"{name!r} mixes tokenizers: task {a!r} uses {getattr(va, 'path', va)} and task {b!r} "
+            f"{getattr(vb, 'path', vb)}. One model reads one tokenizer: register the tasks with the same vocabulary."
+        )
+    return next(iter(found.values()))[1]
 
 
 def decoder_converter(pack: bool) -> seqio.FeatureConverter:

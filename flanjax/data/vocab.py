@@ -98,8 +98,12 @@ class HFVocabulary(seqio.Vocabulary):
         return out
 
     def fingerprint(self) -> str:
-        """Identifies the token <-> id mapping (not the path): models that exchange token ids
-        (policy, reference, reward model) must share it."""
+        """Identifies the token <-> id mapping (not the path): a model and the data it reads,
+        and models that exchange token ids (policy, reference, reward model), must share it."""
+        return self._fingerprint
+
+    @functools.cached_property
+    def _fingerprint(self) -> str:
         vocab = sorted(self.tokenizer.get_vocab().items())
         return hashlib.sha1(json.dumps(vocab).encode()).hexdigest()[:16]
 
@@ -132,13 +136,14 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, individual_digits: b
 @gin.configurable
 def default_tokenizer(path: str | None = None) -> str:
     """Directory of the tokenizer that tasks registered without a vocabulary of their own
-    (FLAN's) use: gin's `vocab.default_tokenizer.path` (`TOKENIZER` in the run configs), else
+    (FLAN's) use: gin's `vocab.default_tokenizer.path` (the `TOKENIZER` macro of
+    configs/tokenizer.gin, which every run file includes), else
     $FLANJAX_TOKENIZER."""
     path = path or os.environ.get("FLANJAX_TOKENIZER")
     if not path:
         raise TokenizerNotFoundError(
             "no tokenizer set for the templated tasks (FLAN and your own): pass "
-            "--gin.vocab.default_tokenizer.path=DIR, or set FLANJAX_TOKENIZER=DIR, where DIR "
+            "--gin.TOKENIZER=DIR (any run file), or set FLANJAX_TOKENIZER=DIR, where DIR "
             "holds the model's Hugging Face tokenizer files (`hf download MODEL --local-dir DIR`)."
         )
     return path

@@ -12,14 +12,24 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
+from flanjax.data.availability import check_datasets
 from flanjax.data.pipeline import check_vocabulary
 from flanjax.eval.evaluator import EvalConfig, Evaluator, TaskResult, flat_metrics
 from flanjax.eval.report import markdown_table, write_results
 from flanjax.models.transformer import TransformerConfig, new_model
 from flanjax.rundir.checkpoint import Checkpointer
-from flanjax.rundir.files import read_lora_config, read_model_config, resolve_checkpoint
+from flanjax.rundir.files import check_tokenizer, read_lora_config, read_model_config, resolve_checkpoint, run_vocabulary
 from flanjax.rundir.metrics import MetricsLog, console
 from flanjax.sharding import MeshConfig, Partitioner
+
+
+def run_tokenizer(checkpoint_path: str, tokenizer: str | None = None) -> str | None:
+    """The templated tasks' tokenizer for evaluating a run: `tokenizer` if set, else the one
+    the run recorded (eval.gin binds vocab.default_tokenizer.path to this)."""
+    if tokenizer:
+        return tokenizer
+    vocabulary = run_vocabulary(resolve_checkpoint(checkpoint_path)[0])
+    return vocabulary.path if vocabulary else None
 
 
 def evaluate(
@@ -34,7 +44,8 @@ def evaluate(
 ) -> dict[str, TaskResult]:
     run_dir, step = resolve_checkpoint(checkpoint_path)
     model = model or read_model_config(run_dir)
-    check_vocabulary(mixture_or_task_name, model.vocab_size)
+    check_tokenizer(run_dir, check_vocabulary(mixture_or_task_name, model.vocab_size), f"task {mixture_or_task_name!r}")
+    check_datasets(mixture_or_task_name)  # before any weights are read or steps compiled
     partitioner = Partitioner.from_config(mesh)
     lora = read_lora_config(run_dir)
     graphdef, abstract = partitioner.abstract_state(lambda: new_model(model, lora))
@@ -48,6 +59,9 @@ def evaluate(
     results = evaluator(step, state)
 
     output_dir = output_dir or run_dir
+    previous = os.path.join(output_dir, "eval_results.json")
+    if os.path.exists(previous):  # e.g. the training run's own evaluation: say what is replaced
+        console.print(f"Replacing {previous} and eval_results.md (set EVAL_OUTPUT_DIR to write elsewhere)")
     write_results(results, output_dir, step, checkpoint=os.path.join(run_dir, "checkpoints", str(step)))
     log = MetricsLog(output_dir)
     log.write(step, {f"eval/{k}": v for k, v in flat_metrics(results).items()})

@@ -31,7 +31,7 @@ from flax import nnx
 from flanjax.data.preferences import Comparison, comparison, read_comparisons
 from flanjax.decode import decoder_features, score
 from flanjax.errors import FlanjaxError
-from flanjax.rundir.files import restore
+from flanjax.rundir.files import check_tokenizer, resolve_checkpoint, restore
 
 
 class LabelError(FlanjaxError, ValueError):
@@ -200,6 +200,7 @@ class JudgeLabeler:
     @classmethod
     def from_run(cls, checkpoint_path: str, vocabulary, partitioner, **kwargs) -> JudgeLabeler:
         """The judge of a trained run (a run directory, or RUN/checkpoints/STEP)."""
+        check_tokenizer(resolve_checkpoint(checkpoint_path)[0], vocabulary, "the judge's prompts")
         graphdef, state, _ = restore(checkpoint_path, partitioner)
         return cls(graphdef, state, vocabulary, partitioner, **kwargs)
 

@@ -36,7 +36,8 @@ import tensorflow as tf
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from flanjax.data.pipeline import SeqioBatches, check_vocabulary, decoder_prompt_tf, get_task_or_mixture
+from flanjax.data.availability import check_datasets
+from flanjax.data.pipeline import SeqioBatches, check_vocabulary, decoder_prompt_tf
 from flanjax.decode import SamplingConfig, check_length, generate
 from flanjax.errors import FlanjaxError
 from flanjax.models.heads import ScoreModel
@@ -457,11 +458,10 @@ def train_ppo(
     partitioner = Partitioner.from_config(mesh)
     _check_batches(batch_size, ppo, ptx, partitioner)
     per_process = partitioner.per_process_batch_size(batch_size)
-    task = get_task_or_mixture(mixture_or_task_name)
-    vocabulary = task.output_features["inputs"].vocabulary
     policy_dir, policy_step = resolve_checkpoint(policy_checkpoint)
     config = read_model_config(policy_dir)
-    check_vocabulary(mixture_or_task_name, config.vocab_size)
+    vocabulary = check_vocabulary(mixture_or_task_name, config.vocab_size)
+    check_datasets(mixture_or_task_name, ptx.mixture_or_task_name if ptx else None)  # before compiling
     check_length(config, prompt_len, sampling.max_new_tokens)
     reward = load_reward_model(reward_checkpoint, partitioner, vocabulary)  # refuses another tokenizer
     check_length(reward.config, prompt_len, sampling.max_new_tokens)
@@ -488,14 +488,18 @@ def train_ppo(
     result = trainer.run(trainer.Trainer(
         description=f"PPO of {policy_dir} step {policy_step} against {reward_checkpoint} on {mixture_or_task_name}: "
                     f"{loop.num_steps} iterations of {batch_size} prompts",
-        model_dir=model_dir, model=config, lora=lora, origin=policy_dir, partitioner=partitioner, loop=loop,
+        model_dir=model_dir, model=config, lora=lora, origin=policy_dir, vocabulary=vocabulary, partitioner=partitioner, loop=loop,
         checkpoint=checkpoint, batches=RLHFBatches(prompts, ptx_batches),
         init=ppo_init(config, reward.config, make_optimizer(optimizer, updates), make_optimizer(value_optimizer, updates),
                       lora=lora, init_beta=kl.init_beta, ema=ppo.ema_decay is not None, seed=seed),
         pretrained=lambda: (reference, reward.state), compile_step=compile_step,
         learning_rate=make_schedule(optimizer, updates),
         console_keys=("reward/score_mean", "kl", "beta", "entropy", "clip_fraction", "response_length"),
-        plots=(Plot("reward.png", ("reward/score_mean",), False), Plot("kl.png", ("kl",), False), Plot("beta.png", ("beta",), False)),
+        # The score is the reward model's, shifted and scaled (`reward_fn`); kl is k1 summed over a response.
+        plots=(Plot("reward.png", ("reward/score_mean",), False, ylabel="reward-model score (normalised)"),
+               Plot("kl.png", ("kl",), False, ylabel="KL(policy || reference), nats per response",
+                    hlines=(("KL target", kl.target),) if kl.adaptive else ()),  # a fixed beta has no target
+               Plot("beta.png", ("beta",), False, ylabel="KL coefficient β")),
     ))  # fmt: skip
     if jax.process_index() == 0:
         with open(os.path.join(model_dir, "ppo.json"), "w") as f:

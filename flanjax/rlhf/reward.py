@@ -27,7 +27,8 @@ import numpy as np
 import seqio
 from flax import nnx
 
-from flanjax.data.pipeline import get_task_or_mixture, task_prompts
+from flanjax.data.availability import check_datasets
+from flanjax.data.pipeline import check_vocabulary, get_task_or_mixture, task_prompts
 from flanjax.data.preferences import PreferenceBatches, add_preference_task
 from flanjax.data.vocab import DEFAULT_VOCABULARY, HFVocabulary
 from flanjax.decode import SamplingConfig, decoder_prompt, generate_texts
@@ -219,12 +220,13 @@ def train_reward(
         raise RewardModelError("give the comparisons as exactly one of `preferences` (a directory) or `mixture_or_task_name`.")
     name = mixture_or_task_name or preference_task(preferences, allow_ties=allow_ties)
     task = get_task_or_mixture(name)
-    vocabulary = task.output_features["inputs"].vocabulary
+    check_datasets(name)  # before compiling: a missing dataset fails now, not at the first batch
     partitioner = Partitioner.from_config(mesh)
     per_process = partitioner.per_process_batch_size(batch_size)
     shape = dict(prompt_len=prompt_len, response_len=response_len, max_responses=max_responses)
     sft_dir, sft_step = resolve_checkpoint(init_checkpoint)
     config = read_model_config(sft_dir)
+    vocabulary = check_vocabulary(name, config.vocab_size)
     tx = make_optimizer(optimizer, loop.num_steps)
 
     def make_hooks(graphdef, abstract):
@@ -236,8 +238,8 @@ def train_reward(
 
     result = trainer.run(trainer.Trainer(
         description=f"Training a reward model from {sft_dir} step {sft_step} on {name}",
-        model_dir=model_dir, model=config, partitioner=partitioner, loop=loop, checkpoint=checkpoint,
-        batches=PreferenceBatches(name, None, per_process, seed=seed, **shape),
+        model_dir=model_dir, model=config, origin=sft_dir, vocabulary=vocabulary, partitioner=partitioner, loop=loop,
+        checkpoint=checkpoint, batches=PreferenceBatches(name, None, per_process, seed=seed, **shape),
         init=lambda lm=None: TrainState.create(score_model_from_lm(config, lm, seed), tx),
         pretrained=lambda: (restore_weights(sft_dir, sft_step, config, partitioner)[1],),
         compile_step=lambda graphdef, abstract, spec: trainer.jit_step(make_train_step(graphdef, reward_loss, seed=seed), abstract, spec),
@@ -246,6 +248,8 @@ def train_reward(
     ))  # fmt: skip
     if result.preempted:  # normalised when the rerun finishes
         return result
+    if result.start_step == result.step and os.path.exists(os.path.join(model_dir, REWARD_FILE)):
+        return result  # a finished run, normalised already
 
     stats = _normalisation(result, name, init_checkpoint, vocabulary, partitioner, normalisation, prompt_len, response_len, seed)
     if jax.process_index() == 0:

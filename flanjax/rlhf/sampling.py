@@ -18,14 +18,16 @@ from flanjax.data.preferences import Comparison, write_comparisons
 from flanjax.decode import SamplingConfig, generate_texts
 from flanjax.rlhf.feedback import Labeler, label_all
 from flanjax.rlhf.reward import TOKENIZER_FILE, RewardModel
-from flanjax.rundir.files import restore
+from flanjax.rundir.files import check_tokenizer, resolve_checkpoint, restore
 from flanjax.rundir.metrics import console
 from flanjax.sharding import Partitioner
 
 
 def sample(policy: str, prompts: Sequence[str], vocabulary, partitioner: Partitioner, *, num_samples: int,
            sampling: SamplingConfig, prompt_len: int, batch_size: int = 64, seed: int = 0) -> list[list[str]]:  # fmt: skip
-    """`num_samples` responses to each prompt from a run's policy."""
+    """`num_samples` responses to each prompt from a run's policy (refused if `vocabulary` is
+    not the tokenizer the policy recorded)."""
+    check_tokenizer(resolve_checkpoint(policy)[0], vocabulary, "the prompts")
     graphdef, state, _ = restore(policy, partitioner)
     flat = [p for p in prompts for _ in range(num_samples)]
     texts = generate_texts(graphdef, state, vocabulary, flat, config=sampling, partitioner=partitioner,

@@ -3,6 +3,8 @@
     model.json            the run's TransformerConfig (how to rebuild the model)
     lora.json             its LoraConfig, if it trains adapters
     init_checkpoint.txt   the run directory its weights started from, if any
+    tokenizer/            the tokenizer its model reads (Hugging Face files): data of another
+                          tokenizer is refused, and readers of the run need no other
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import os
 
 from flax import nnx
 
+from flanjax.data.vocab import HFVocabulary
+from flanjax.errors import FlanjaxError
 from flanjax.models.lora import LoraConfig
 from flanjax.models.transformer import Transformer, TransformerConfig, new_model
 from flanjax.rundir.checkpoint import Checkpointer, CheckpointNotFoundError
@@ -21,6 +25,11 @@ from flanjax.sharding import Partitioner
 MODEL_FILE = "model.json"
 LORA_FILE = "lora.json"
 INIT_FILE = "init_checkpoint.txt"
+TOKENIZER_DIR = "tokenizer"
+
+
+class TokenizerMismatchError(FlanjaxError, ValueError):
+    pass
 
 
 def write_model_config(model_dir: str, model: TransformerConfig, lora: LoraConfig | None = None) -> None:
@@ -45,6 +54,46 @@ def read_init_checkpoint(run_dir: str) -> str | None:
         return None
     with open(path) as f:
         return f.read().strip()
+
+
+def write_tokenizer(run_dir: str, vocabulary) -> None:
+    """Records the tokenizer of the run's data (once: `check_tokenizer` guards a resumed run)."""
+    path = os.path.join(run_dir, TOKENIZER_DIR)
+    if isinstance(vocabulary, HFVocabulary) and not os.path.isdir(path):
+        vocabulary.tokenizer.save_pretrained(path)
+
+
+def lineage(run_dir: str):
+    """The run directory, then the run its weights started from, and so on."""
+    seen = set()
+    while run_dir and run_dir not in seen:
+        yield run_dir
+        seen.add(run_dir)
+        run_dir = read_init_checkpoint(run_dir)
+
+
+def run_vocabulary(run_dir: str) -> HFVocabulary | None:
+    """The tokenizer a run recorded; for a run without one (an older run), that of the nearest
+    run its weights descend from that recorded one."""
+    for ancestor in lineage(run_dir):
+        if os.path.isdir(os.path.join(ancestor, TOKENIZER_DIR)):
+            return HFVocabulary(os.path.join(ancestor, TOKENIZER_DIR))
+    return None
+
+
+def check_tokenizer(run_dir: str, vocabulary, data: str) -> None:
+    """Refuses `data` (e.g. "task 'quickstart'") tokenized otherwise than the model of `run_dir`
+    was trained or converted with: same-sized vocabularies would pass every shape check and
+    silently read as other words."""
+    recorded = run_vocabulary(run_dir)
+    if recorded is None or not isinstance(vocabulary, HFVocabulary) or recorded.fingerprint() == vocabulary.fingerprint():
+        return
+    raise TokenizerMismatchError(
+        f"{data} is tokenized with the tokenizer in {vocabulary.path} (fingerprint {vocabulary.fingerprint()}, "
+        f"{len(vocabulary.tokenizer)} tokens), but the model of {run_dir} reads the one in {recorded.path} "
+        f"(fingerprint {recorded.fingerprint()}, {len(recorded.tokenizer)} tokens): its token ids would mean other "
+        f"words. Tokenize the data with the model's tokenizer (templated tasks: --gin.TOKENIZER={recorded.path})."
+    )
 
 
 def read_lora_config(run_dir: str) -> LoraConfig | None:

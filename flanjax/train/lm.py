@@ -17,10 +17,11 @@ import numpy as np
 from flax import nnx
 from rich.table import Table
 
+from flanjax.data.availability import check_datasets
 from flanjax.data.pipeline import SeqioBatches, check_vocabulary
 from flanjax.eval.evaluator import EvalConfig, Evaluator, TaskResult, flat_metrics
 from flanjax.eval.report import write_results
-from flanjax.models.lora import LoraConfig
+from flanjax.models.lora import LoraConfig, num_adapter_params
 from flanjax.models.transformer import TransformerConfig, new_model
 from flanjax.rundir.checkpoint import CheckpointConfig
 from flanjax.rundir.files import resolve_checkpoint, restore_weights
@@ -68,7 +69,8 @@ def train(
     low-rank adapters on those weights, which stay frozen."""
     partitioner = Partitioner.from_config(mesh)
     per_process = partitioner.per_process_batch_size(batch_size)
-    check_vocabulary(mixture_or_task_name, model.vocab_size)
+    vocabulary = check_vocabulary(mixture_or_task_name, model.vocab_size)
+    check_datasets(mixture_or_task_name)  # before compiling: a missing dataset fails now, not at the first batch
     batches = SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process, seed=seed, pack=pack, shuffle=shuffle)
     loss = lm_loss(z_loss)
     evaluations: dict[int, dict[str, TaskResult]] = {}
@@ -96,9 +98,13 @@ def train(
         return (restore_weights(*origin, model, partitioner)[1],)
 
     seq_len = sum(task_feature_lengths.values())
+    trained = f"{model.num_params() / 1e6:.2f}M parameters"
+    if lora is not None:  # only the adapters train: say how many of all (abstract model, nothing allocated)
+        adapters = num_adapter_params(nnx.eval_shape(lambda: new_model(model, lora)))
+        trained = f"LoRA adapters: {adapters / 1e6:.2f}M trainable of {(model.num_params() + adapters) / 1e6:.2f}M parameters"
     result = trainer.run(trainer.Trainer(
-        description=f"Training {model.num_params() / 1e6:.2f}M parameters on {mixture_or_task_name} for {loop.num_steps} steps",
-        model_dir=model_dir, model=model, lora=lora, origin=origin and origin[0], partitioner=partitioner,
+        description=f"Training {trained} on {mixture_or_task_name} for {loop.num_steps} steps",
+        model_dir=model_dir, model=model, lora=lora, origin=origin and origin[0], vocabulary=vocabulary, partitioner=partitioner,
         loop=loop, checkpoint=checkpoint, batches=batches,
         init=lm_init(model, make_optimizer(optimizer, loop.num_steps), seed, lora), pretrained=pretrained,
         compile_step=lambda graphdef, abstract, spec: trainer.jit_step(

@@ -4,9 +4,12 @@ A method (SFT, reward model, PPO, ...) describes itself as a `Trainer`: how to b
 trained state, how to compile its step, its batches and evaluation hooks. `run` does the rest
 in one order for all of them:
 
-    model.json / lora.json / init_checkpoint.txt   the run directory says what it holds
+    tokenizer check                                the data's against the run's and its origin's
     abstract state                                 shapes and shardings, nothing allocated
     ahead-of-time compile                          before any data is read, with a memory report
+                                                   (a dry run stops here, having written nothing)
+    model.json / lora.json / init_checkpoint.txt,  the run directory says what it holds
+    tokenizer/
     checkpointer, metrics, hooks, TrainLoop        resume or create the state born sharded
     close, plots                                   loss.png (and the method's own plots)
 
@@ -15,6 +18,7 @@ So a new method is a loss function, a `Trainer` and its `TRAINER` entry in `flan
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -26,10 +30,20 @@ from flax import nnx
 from flanjax.models.lora import LoraConfig
 from flanjax.models.transformer import TransformerConfig
 from flanjax.rundir.checkpoint import CheckpointConfig, Checkpointer
-from flanjax.rundir.files import write_init_checkpoint, write_model_config
+from flanjax.rundir.files import check_tokenizer, write_init_checkpoint, write_model_config, write_tokenizer
 from flanjax.rundir.metrics import MetricsLog, console, plot_metrics
 from flanjax.sharding import Partitioner, shardings_of
-from flanjax.train.loop import BatchSource, EvalHook, LoopConfig, LoopResult, TrainLoop, summarise
+from flanjax.train.loop import (
+    BatchSource, EvalHook, LoopConfig, LoopResult, TrainLoop, exit_on_sigterm_during_start_up, summarise,
+)
+
+# `flanjax train --dry_run`: `run` stops once the step compiled, before anything is written.
+DRY_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("flanjax_dry_run", default=False)
+
+
+class DryRun(Exception):
+    """Raised by `run` in a dry run, once the configuration resolved and the step compiled."""
+
 
 StepFn = Callable[[Any, Mapping[str, jax.Array]], tuple[Any, Mapping[str, jax.Array]]]
 
@@ -41,6 +55,8 @@ class Plot:
     file: str = "loss.png"
     keys: tuple[str, ...] = ("loss", "validation/loss")
     log_scale: bool = True
+    ylabel: str = ""  # "" : derived from the keys
+    hlines: tuple[tuple[str, float], ...] = ()  # (label, y) reference lines, e.g. a target
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -63,6 +79,7 @@ class Trainer:
     # (graphdef, abstract state) -> evaluation hooks, run every `loop.eval_every` steps.
     make_hooks: Callable[[nnx.GraphDef, Any], Mapping[str, EvalHook]] = lambda graphdef, abstract: {}
     lora: LoraConfig | None = None  # written to lora.json
+    vocabulary: Any = None  # the data's tokenizer (a seqio Vocabulary): checked and recorded in tokenizer/
     origin: str | None = None  # the run directory the weights start from
     learning_rate: Callable[[int], float] | None = None
     console_keys: tuple[str, ...] = ("loss", "token_accuracy", "grad_norm", "tokens_per_s")
@@ -76,27 +93,42 @@ def run(trainer: Trainer) -> LoopResult:
     """Trains for `trainer.loop.num_steps` steps, resuming from the run directory's latest
     checkpoint if it has one."""
     t, partitioner = trainer, trainer.partitioner
-    if jax.process_index() == 0:
-        write_model_config(t.model_dir, t.model, t.lora)
-        if t.origin is not None:
-            write_init_checkpoint(t.model_dir, t.origin)
-    graphdef, abstract = partitioner.abstract_state(t.init)
-    with partitioner.activate():
-        step = t.compile_step(graphdef, abstract, global_batch_spec(t.batches, partitioner))
-    metrics = MetricsLog(t.model_dir)
-    loop = TrainLoop(
-        step_fn=step, batches=t.batches, partitioner=partitioner, checkpointer=Checkpointer(t.model_dir, t.checkpoint),
-        metrics=metrics, config=t.loop, eval_hooks=t.make_hooks(graphdef, abstract), learning_rate=t.learning_rate,
-        tokens_per_step=t.tokens_per_step, flops_per_step=t.flops_per_step, peak_flops=t.peak_flops,
-        console_keys=t.console_keys,
-    )  # fmt: skip
-    console.print(f"{t.description}; mesh {dict(partitioner.mesh.shape)}; run dir {t.model_dir}")
-    with partitioner.activate():
-        result = loop.run(lambda: partitioner.create(t.init, abstract, *t.pretrained()), abstract)
+    checkpointer = None  # once created, the start-up SIGTERM message names its latest step
+    # Until the loop's first step, SIGTERM (compiling, reading data, restoring) exits with a message.
+    with exit_on_sigterm_during_start_up(lambda: None if checkpointer is None else checkpointer.latest_step()):
+        for run_dir in (t.model_dir, t.origin):  # the run resumed and the one it starts from
+            if run_dir is not None:
+                check_tokenizer(run_dir, t.vocabulary, "the training data")
+        graphdef, abstract = partitioner.abstract_state(t.init)
+        console.print("Building the input pipeline...")
+        spec = global_batch_spec(t.batches, partitioner)  # builds the input pipeline
+        with partitioner.activate():
+            step = t.compile_step(graphdef, abstract, spec)
+        if DRY_RUN.get():
+            raise DryRun(f"{t.description}; mesh {dict(partitioner.mesh.shape)}")
+        if jax.process_index() == 0:
+            write_model_config(t.model_dir, t.model, t.lora)
+            write_tokenizer(t.model_dir, t.vocabulary)
+            if t.origin is not None:
+                write_init_checkpoint(t.model_dir, t.origin)
+        metrics = MetricsLog(t.model_dir)
+        checkpointer = Checkpointer(t.model_dir, t.checkpoint)
+        console.print("Preparing evaluation...")
+        hooks = t.make_hooks(graphdef, abstract)  # builds their input pipelines and compiles some
+        loop = TrainLoop(
+            step_fn=step, batches=t.batches, partitioner=partitioner, checkpointer=checkpointer,
+            metrics=metrics, config=t.loop, eval_hooks=hooks, learning_rate=t.learning_rate,
+            tokens_per_step=t.tokens_per_step, flops_per_step=t.flops_per_step, peak_flops=t.peak_flops,
+            console_keys=t.console_keys,
+        )  # fmt: skip
+        console.print(f"{t.description}; mesh {dict(partitioner.mesh.shape)}; run dir {t.model_dir}")
+        with partitioner.activate():
+            result = loop.run(lambda: partitioner.create(t.init, abstract, *t.pretrained()), abstract)
     loop.close()
     if jax.process_index() == 0:
         for plot in t.plots:
-            png = plot_metrics(metrics.path, os.path.join(t.model_dir, plot.file), keys=plot.keys, log_scale=plot.log_scale)
+            png = plot_metrics(metrics.path, os.path.join(t.model_dir, plot.file), keys=plot.keys, log_scale=plot.log_scale,
+                               ylabel=plot.ylabel, hlines=dict(plot.hlines))  # fmt: skip
             console.print(f"Plot: {png}")
     return result
 
@@ -130,6 +162,7 @@ def jit_step(step_fn: StepFn, abstract_state: Any, batch_spec: Mapping[str, jax.
 def compile_ahead(name: str, jitted, *abstract_args):
     """Compiles `jitted` for these shapes before any data is read and reports its memory per
     device (MaxText style)."""
+    console.print(f"Compiling the {name}...")  # said first: a large model compiles for minutes
     compiled = jitted.lower(*abstract_args).compile()
     memory = compiled.memory_analysis()
     if memory is not None:
