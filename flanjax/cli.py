@@ -20,10 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from flanjax.config import ConfigError, check_bindings, gin_binding, parse_gin
 
 
 class UsageError(Exception):
@@ -31,28 +30,6 @@ class UsageError(Exception):
 
 
 # --- gin ------------------------------------------------------------------------------------
-
-_LITERAL = re.compile(r"""^(['"@%\[({]|-?\d|True$|False$|None$)""")
-
-
-def gin_binding(key: str, value: str) -> str:
-    """`--gin.KEY=VALUE` -> a gin binding; a bare path or word becomes a string."""
-    return f"{key} = {value if _LITERAL.match(value) else repr(value)}"
-
-
-def parse_gin(files: list[str], bindings: list[str]) -> None:
-    import gin
-
-    gin.add_config_file_search_path(os.getcwd())
-    gin.add_config_file_search_path(REPO_ROOT)
-    missing = [f for f in files if not os.path.exists(f) and not os.path.exists(os.path.join(REPO_ROOT, f))]
-    if missing:
-        raise UsageError(f"gin file {missing[0]!r} not found (looked in {os.getcwd()} and {REPO_ROOT}).")
-    resolved = [f if os.path.exists(f) else os.path.join(REPO_ROOT, f) for f in files]
-    try:
-        gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=True)
-    except (ValueError, KeyError, TypeError, SyntaxError, ImportError) as e:
-        raise UsageError(f"gin configuration error: {e}") from None
 
 
 def _split_gin_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -81,10 +58,12 @@ def _call_configured(args: argparse.Namespace, bindings: list[str], target, befo
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     import gin
 
+    _import_modules(args.module)
     parse_gin(args.gin_file, bindings)
+    fn = target()
+    check_bindings(f"{fn.__module__}.{fn.__name__}")
     if before is not None:
         before()
-    fn = target()
     try:
         return gin.get_configurable(fn)()
     except TypeError as e:  # a run file that leaves one of fn's arguments unbound
@@ -119,13 +98,29 @@ def _trainer():
 def cmd_train(args: argparse.Namespace, bindings: list[str]) -> int:
     import gin
 
+    from flanjax.train import trainer
+
     def save_config():
-        if _model_dir():
+        if _model_dir() and not args.dry_run:
             _write(_model_dir(), "config.gin", gin.config_str())
 
-    result = _call_configured(args, bindings, _trainer, before=save_config)
+    trainer.DRY_RUN.set(args.dry_run)
+    try:
+        result = _call_configured(args, bindings, _trainer, before=save_config)
+    except trainer.DryRun as e:
+        print(gin.operative_config_str())
+        print(f"Dry run of: {_message(e)}. The configuration, task, mesh and model resolve and the step compiles; "
+              "nothing was trained or written.", file=sys.stderr)  # fmt: skip
+        return 0
     if _model_dir():
+        import jax
+
+        from flanjax.rundir.metrics import latest_metrics
+
         _write(_model_dir(), "operative_config.gin", gin.operative_config_str())
+        if jax.process_index() == 0:  # the run's result as one JSON line, last
+            metrics = latest_metrics(os.path.join(_model_dir(), "metrics.jsonl"))
+            print(json.dumps({"run": _model_dir(), "step": result.step, "preempted": result.preempted, "metrics": metrics}))
     return 0 if not result.preempted else 143
 
 
@@ -165,6 +160,7 @@ def model_config(name: str, bindings: list[str]):
     path = name if name.endswith(".gin") else os.path.join("configs", "models", f"{name}.gin")
     read_model = "from __gin__ import dynamic_registration\nfrom flanjax import cli\ncli.configured_value.value = %MODEL"
     parse_gin([path], [*bindings, read_model])
+    check_bindings("flanjax.cli.configured_value")
     return gin.get_configurable(cli.configured_value)()
 
 
@@ -277,10 +273,12 @@ def cmd_sample(args: argparse.Namespace, bindings: list[str]) -> int:
         prompts, _, vocabulary = task_prompts(args.task, args.split, args.num_prompts)
     else:
         from flanjax.data.vocab import HFVocabulary
+        from flanjax.rundir.files import resolve_checkpoint, run_vocabulary
 
-        if not args.tokenizer:
-            raise UsageError("give --task (prompts and tokenizer from a task) or --prompt with --tokenizer DIR.")
-        prompts, vocabulary = args.prompt, HFVocabulary(args.tokenizer)
+        vocabulary = HFVocabulary(args.tokenizer) if args.tokenizer else run_vocabulary(resolve_checkpoint(args.policy)[0])
+        if vocabulary is None:
+            raise UsageError(f"{args.policy} recorded no tokenizer (an older run): give --tokenizer DIR, or --task NAME.")
+        prompts = args.prompt
     if not prompts:
         raise UsageError("no prompts: give --prompt TEXT (repeatable) or --task NAME.")
     shape = dict(sampling=_sampling(args), prompt_len=args.prompt_len, seed=args.seed)
@@ -322,10 +320,16 @@ def _list_tasks(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(listed))
         return 0
-    width = max((len(t["name"]) for t in listed), default=0)
-    for t in listed:
-        kind = "" if t["templates"] is None else f"{t['templates']:>2} templates ({t['turned_around']} turned around)  "
-        print(f"{t['name']:<{width}}  {t['cluster'] or '-':<33}  {kind}{','.join(t['metrics']) or '-':<14}  {t['source']}")
+
+    def cell(value) -> str:  # "-" where a plain seqio task has no value
+        return (",".join(value) if isinstance(value, list) else "" if value is None else str(value)) or "-"
+
+    # A header row, then one row per task: the JSON objects' keys, upper-cased, as columns.
+    columns = ("name", "cluster", "templates", "turned_around", "metrics", "source")
+    rows = [[c.upper() for c in columns]] + [[cell(t[c]) for c in columns] for t in listed]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    for row in rows:
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
     if args.cluster is None:
         print("\nmixtures: " + ", ".join(sorted(seqio.MixtureRegistry.names())))
     return 0
@@ -336,18 +340,49 @@ def _preview_task(args: argparse.Namespace) -> int:
 
     from flanjax.data.pipeline import text_examples
 
+    def text(value) -> str:
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
     mock = contextlib.nullcontext()
     if args.mock:
-        import tensorflow_datasets as tfds
+        import zlib
 
-        mock = tfds.testing.mock_data(num_examples=max(args.n, 10))
-    with mock:
-        examples = text_examples(args.name, args.split, args.n)
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+        from tensorflow_datasets.testing import mocking
+
+        num_examples = max(args.n, 10)
+
+        def as_dataset(builder, split, decoders=None, read_config=None, **kwargs):
+            # TFDS's mock gives every builder and split the same fake examples, so a dataset
+            # that reads several builders round-robin (ANLI's three rounds) would show each
+            # example once per builder. Seed them by builder and split instead.
+            features = builder.info.features
+            seed = zlib.crc32(f"{builder.info.full_name} {split}".encode())
+            specs = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.tf_dtype), features.get_tensor_info())
+            return tf.data.Dataset.from_generator(
+                lambda: mocking.RandomFakeGenerator(features, num_examples, seed=seed), output_signature=specs
+            )
+
+        mock = tfds.testing.mock_data(num_examples=num_examples, as_dataset_fn=as_dataset)
+    with mock:  # a rank-classification task's example is a row per option: take whole examples
+        rows = text_examples(args.name, args.split, args.n, whole_examples=True)
+    examples = []
+    for row in rows:
+        if "is_correct" not in row:
+            examples.append(row)
+        elif row["idx"][1] == 0:  # an example's first option: its inputs, then every option
+            examples.append({**row, "options": [(row["targets"], row["is_correct"])]})
+        else:
+            examples[-1]["options"].append((row["targets"], row["is_correct"]))
     for i, example in enumerate(examples):
         print(f"--- {args.name} [{args.split}] example {i}" + (f", template {example['template']}" if "template" in example else ""))
-        for key in ("inputs", "targets"):
-            value = example[key]
-            print(f"{key}:\n{value.decode('utf-8') if isinstance(value, bytes) else value}")
+        print(f"inputs:\n{text(example['inputs'])}")
+        if "options" in example:  # scored by rank classification: the likeliest option is the answer
+            print("targets (one per option, * = correct):")
+            print("\n".join(("* " if correct else "  ") + text(option) for option, correct in example["options"]))
+        else:
+            print(f"targets:\n{text(example['targets'])}")
     return 0
 
 
@@ -381,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--num_processes", type=int, help="number of processes in a multi-process run")
         command.add_argument("--process_id", type=int, help="this process's index in a multi-process run")
         command.add_argument("--multiprocess", action="store_true", help="join a multi-process run the cluster describes (Cloud TPU, SLURM)")
+        command.add_argument("--module", action="append", default=[], help="Python module to import first, e.g. one that registers your tasks (repeatable)")
+    train.add_argument("--dry_run", action="store_true", help="parse the config, resolve the task, mesh and model, compile the step (memory report), print the operative config and exit")
 
     bench = commands.add_parser(
         "bench",
@@ -442,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--policy", required=True, help="run or step directory of the policy")
     sample.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); or --task")
-    sample.add_argument("--tokenizer", help="tokenizer directory, with --prompt")
+    sample.add_argument("--tokenizer", help="with --prompt: tokenizer directory (default: the one the run recorded)")
     sample.add_argument("--task", help="take prompts (and tokenizer) from this seqio task or mixture")
     sample.add_argument("--split", default="validation")
     sample.add_argument("--num_prompts", type=int, default=8)
@@ -474,8 +511,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(e: Exception) -> str:
+    """An error's message without the line gin appends when it passes through a configurable."""
+    return str(e).split("\n  In call to configurable")[0]
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from flanjax.quiet import quiet_libraries
+
+    quiet_libraries()  # before TensorFlow loads: drops its and seqio's routine chatter
     argv = sys.argv[1:] if argv is None else argv
     if os.getcwd() not in sys.path:  # task modules in the working directory import, as under `python -m`
         sys.path.insert(0, os.getcwd())
@@ -483,14 +527,14 @@ def main(argv: list[str] | None = None) -> int:
         rest, bindings = _split_gin_args(argv)
         args = build_parser().parse_args(rest)
         return args.run(args, bindings)
-    except UsageError as e:
+    except (UsageError, ConfigError) as e:
         print(f"flanjax: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # errors that name the problem and the fix: no traceback needed
         from flanjax.errors import FlanjaxError
 
         if isinstance(e, FlanjaxError):
-            print(f"flanjax: error: {e}", file=sys.stderr)
+            print(f"flanjax: error: {_message(e)}", file=sys.stderr)
             return 1
         raise
 

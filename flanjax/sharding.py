@@ -79,18 +79,29 @@ class MeshConfig:
             )
         known = math.prod(s for s in sizes if s != -1)
         if num_devices % known:
+            axis, size = _axis_to_shrink(sizes, num_devices)
             raise MeshError(
-                f"mesh {described} does not divide the {num_devices} available devices: the "
-                f"product of the fixed axis sizes ({known}) must divide {num_devices}. Set e.g. "
-                f"--gin.MeshConfig.data=-1 to let one axis take the rest."
+                f"mesh {described} does not divide the {num_devices} available devices: the product of the fixed "
+                f"axis sizes ({known}) must divide {num_devices}. Set --gin.sharding.MeshConfig.{axis}={size} "
+                f"(or another size that divides), or run on a multiple of {known} devices."
             )
         resolved = tuple(num_devices // known if s == -1 else s for s in sizes)
         if math.prod(resolved) != num_devices:
             raise MeshError(
-                f"mesh {described} uses {math.prod(resolved)} devices but {num_devices} are "
-                "available; set one axis to -1 or make the product equal the device count."
+                f"mesh {described} uses {math.prod(resolved)} devices but {num_devices} are available: set one "
+                "axis to -1 (the rest), e.g. --gin.sharding.MeshConfig.data=-1."
             )
         return resolved  # type: ignore[return-value]
+
+
+def _axis_to_shrink(sizes: tuple[int, ...], num_devices: int) -> tuple[str, int]:
+    """The fixed axis to change, and the largest size below its own that makes the mesh fit:
+    the axis that does not divide the devices itself if there is one, else the last fixed one."""
+    fixed = [i for i, s in enumerate(sizes) if s != -1]
+    i = next((i for i in fixed if num_devices % sizes[i]), fixed[-1])
+    others = math.prod(sizes[j] for j in fixed if j != i)
+    size = max(d for d in range(1, sizes[i]) if num_devices % (others * d) == 0) if num_devices % others == 0 else 1
+    return MESH_AXES[i], size
 
 
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:

@@ -14,7 +14,7 @@ import gin
 import pytest
 import tensorflow_datasets as tfds
 
-from flanjax import cli
+from flanjax import cli, config
 from flanjax.rundir.metrics import read_metrics
 
 TINY_RUN = ["--gin_file=tests/tiny_run.gin"]
@@ -43,10 +43,13 @@ def test_help_lists_the_commands(capsys):
 
 
 @pytest.mark.slow
-def test_training_lowers_the_loss_and_writes_the_run_directory(tmp_path):
+def test_training_lowers_the_loss_and_writes_the_run_directory(tmp_path, capsys):
     model_dir = tmp_path / "run"
     assert run_cli(train_args(model_dir, 40, "--gin.loop.LoopConfig.log_every=5")) == 0
     rows = [r for r in read_metrics(model_dir / "metrics.jsonl") if "loss" in r]
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the result, as the last line
+    assert (summary["run"], summary["step"], summary["preempted"]) == (str(model_dir), 40, False)
+    assert summary["metrics"]["loss"] == rows[-1]["loss"]
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
     for key in ("token_accuracy", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "step_time_s"):
         assert key in rows[-1]
@@ -94,7 +97,7 @@ def test_checkpoint_of_another_model_shape(tmp_path, capsys):
     assert "has shape" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(cli.REPO_ROOT, "configs", "models", "*.gin"))))
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(config.REPO_ROOT, "configs", "models", "*.gin"))))
 def test_every_model_config_builds(path):
     """Each shipped size parses and its parameters fit a mesh (abstractly: 7B is never allocated)."""
     from flax import nnx
@@ -108,8 +111,8 @@ def test_every_model_config_builds(path):
     assert n == config.num_params()
 
 
-RUN_CONFIGS = sorted(glob.glob(os.path.join(cli.REPO_ROOT, "configs", "runs", "*.gin")))
-EVAL_CONFIG = os.path.join(cli.REPO_ROOT, "configs", "runs", "eval.gin")
+RUN_CONFIGS = sorted(glob.glob(os.path.join(config.REPO_ROOT, "configs", "runs", "*.gin")))
+EVAL_CONFIG = os.path.join(config.REPO_ROOT, "configs", "runs", "eval.gin")
 
 
 # RLHF configs need an SFT run and preferences: test_rlhf trains them end to end.
@@ -209,7 +212,7 @@ def _spawn(model_dir, steps, *extra):
     args = train_args(model_dir, steps, *extra)
     return subprocess.Popen(
         [sys.executable, "-m", "flanjax.cli", *args],
-        cwd=cli.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=config.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 
 
@@ -342,3 +345,43 @@ def test_tasks_preview_renders_mock_examples(capsys):
     assert capsys.readouterr().out.count("OPTIONS:\n- Yes\n- No") == 4  # a row per option, two per example
     assert cli.main(["tasks", "preview", "flan_rtee", "--mock"]) == 1
     assert "Did you mean: flan_rte" in capsys.readouterr().err
+
+
+def _preview_examples(out: str, name: str, split: str) -> list[str]:
+    """A `tasks preview` output's examples, each without its header line."""
+    return [e.split("\n", 1)[1] for e in out.split(f"--- {name} [{split}] example ")[1:]]
+
+
+def test_tasks_preview_shows_different_examples(capsys):
+    # ANLI reads its three rounds round-robin; TFDS's mock data alone is the same for each round.
+    assert cli.main(["tasks", "preview", "flan_anli", "-n", "2", "--mock"]) == 0
+    examples = _preview_examples(capsys.readouterr().out, "flan_anli", "train")
+    assert len(examples) == 2 and examples[0] != examples[1], examples
+
+
+def test_tasks_preview_of_an_eval_task_marks_the_correct_option(capsys, monkeypatch):
+    import seqio
+
+    from flanjax.data import pipeline
+    from flanjax.data.rank_classification import rank_classification
+
+    targets = []  # each example's target, rendered before rank classification splits it into options
+    text_examples = pipeline.text_examples
+
+    def spy(name, split, n, **kwargs):
+        task = seqio.get_mixture_or_task(name)
+        ds = task.source.get_dataset(split, shuffle=False)
+        for step in task.preprocessors[: task.preprocessors.index(rank_classification)]:
+            ds = step(ds)
+        targets.extend(ex["targets"].decode() for ex in ds.take(n).as_numpy_iterator())
+        return text_examples(name, split, n, **kwargs)
+
+    monkeypatch.setattr(pipeline, "text_examples", spy)
+    assert cli.main(["tasks", "preview", "flan_anli_eval", "-n", "4", "--mock", "--split", "test"]) == 0
+    examples = _preview_examples(capsys.readouterr().out, "flan_anli_eval", "test")
+    assert len(examples) == len(targets) == 4  # an example each, not a row per option
+    for example, target in zip(examples, targets):
+        options = example.split("targets (one per option, * = correct):\n")[1].splitlines()
+        assert [o[2:] for o in options] == ["Yes", "It's impossible to say", "No"], example
+        assert [o[2:] for o in options if o.startswith("* ")] == [target], example
+        assert all(o.startswith(("* ", "  ")) for o in options)

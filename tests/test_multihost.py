@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from flanjax.cli import REPO_ROOT
+from flanjax.config import REPO_ROOT
 from flanjax.rundir.metrics import read_metrics
 
 # Unpacked, unshuffled and without dropout, each global batch holds the same examples however

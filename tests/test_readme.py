@@ -1,5 +1,6 @@
 """The README's own-task example, run as written (TFDS mock data instead of the download)."""
 
+import json
 import math
 import os
 import re
@@ -8,10 +9,10 @@ import gin
 import pytest
 import tensorflow_datasets as tfds
 
-from flanjax import cli
+from flanjax import cli, config
 from flanjax.rundir.metrics import read_metrics
 
-README = os.path.join(cli.REPO_ROOT, "README.md")
+README = os.path.join(config.REPO_ROOT, "README.md")
 
 
 def readme_files() -> dict[str, str]:
@@ -44,7 +45,20 @@ def test_the_readme_example_registers_a_task_and_a_mixture_and_trains(tmp_path, 
     assert losses and all(math.isfinite(l) for l in losses)  # trained, finite
     assert run(
         "eval", "--gin_file=configs/runs/eval.gin", "--gin.CHECKPOINT_PATH=runs/my_news",
-        "--gin.MIXTURE_OR_TASK_NAME=my_news_topic_eval", "--gin_file=my_run.gin",
+        "--gin.MIXTURE_OR_TASK_NAME=my_news_topic_eval", "--module", "my_tasks",
         "--gin.evaluator.EvalConfig.num_examples=8", "--gin.evaluator.EvalConfig.batch_size=8",
     ) == 0  # fmt: skip
     assert "my_news_topic_eval" in (tmp_path / "runs" / "my_news" / "eval_results.md").read_text()
+
+
+def test_the_readme_shows_what_tasks_list_prints(capsys):
+    """The README's `tasks list --cluster nli` table is the command's output, header row first."""
+    blocks = re.findall(r"`tasks list --cluster nli` prints.*?```text\n(.*?)```", open(README).read(), flags=re.S)
+    assert len(blocks) == 1
+    assert cli.main(["tasks", "list", "--cluster", "nli"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header == ["NAME", "CLUSTER", "TEMPLATES", "TURNED_AROUND", "METRICS", "SOURCE"]
+    assert blocks[0] == out
+    assert cli.main(["tasks", "list", "--cluster", "nli", "--json"]) == 0
+    assert all({c.lower() for c in header} <= set(task) for task in json.loads(capsys.readouterr().out))
