@@ -5,11 +5,14 @@ import tempfile
 
 # Before JAX is imported anywhere: the tests run on a simulated 8-device CPU mesh.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("FLANJAX_CACHE", tempfile.mkdtemp(prefix="flanjax-test-cache-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+
+from flanjax.quiet import quiet_libraries  # noqa: E402
+
+quiet_libraries()  # as the command line does, before TensorFlow loads
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -293,3 +293,17 @@ def test_loop_resumes_from_the_latest_checkpoint(tmp_path):
     assert loop.batches.position == 9  # the data stream continued, not restarted
     steps = [r["step"] for r in read_metrics(os.path.join(tmp_path, "metrics.jsonl")) if "loss" in r]
     assert steps == list(range(1, 10))
+
+
+def test_a_finished_run_rerun_trains_and_evaluates_nothing(tmp_path, capsys):
+    """Rerunning a finished run (a demo that resumes its prerequisite) restores it and stops."""
+    loop, init, abstract = _toy_loop(tmp_path, nan_at=-1, num_steps=4)
+    evaluated = []
+    loop.eval_hooks = {"eval": lambda step, state: evaluated.append(step) or {}}
+    assert loop.run(init, abstract).step == 4 and evaluated == [4]
+    loop, init, abstract = _toy_loop(tmp_path, nan_at=-1, num_steps=4)
+    loop.eval_hooks = {"eval": lambda step, state: evaluated.append(step) or {}}
+    result = loop.run(init, abstract)
+    assert (result.step, result.start_step, float(result.state["w"])) == (4, 4, 4.0)
+    assert evaluated == [4] and loop.batches.position == 4  # no evaluation; no batch read past the restored position
+    assert "already complete at step 4 of 4" in capsys.readouterr().err

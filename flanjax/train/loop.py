@@ -14,6 +14,7 @@ Step metrics are sums (`loss_sum`, `correct_sum`, `weight_sum`, ...) plus instan
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shlex
@@ -63,6 +64,7 @@ class LoopResult:
     state: Any
     step: int
     preempted: bool = False
+    start_step: int = 0  # restored from: equal to `step` when this invocation trained nothing
     evals: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
@@ -121,11 +123,13 @@ class TrainLoop:
     def restore_or_init(self, init_fn: Callable[[], Any], abstract_state: Any) -> tuple[Any, int]:
         latest = self.checkpointer.latest_step()
         if latest is None:
+            console.print("Initialising the model and optimizer state...")
             return init_fn(), 0
+        # Said before restoring: a large checkpoint takes a while to read.
+        console.print(f"Resuming from checkpoint step {latest} in {self.checkpointer.directory}...")
         state, data_state = self.checkpointer.restore(latest, abstract_state)
         if data_state:
             self.batches.set_state(data_state)
-        console.print(f"Resuming from checkpoint step {latest} in {self.checkpointer.directory}")
         return state, latest
 
     # --- run ------------------------------------------------------------------------------
@@ -133,13 +137,19 @@ class TrainLoop:
     def run(self, init_fn: Callable[[], Any], abstract_state: Any) -> LoopResult:
         cfg = self.config
         state, step = self.restore_or_init(init_fn, abstract_state)
-        result = LoopResult(state, step)
+        result = LoopResult(state, step, start_step=step)
+        if step >= cfg.num_steps:  # evaluated when it finished: rerunning a finished run is a no-op
+            console.print(f"The run is already complete at step {step} of {cfg.num_steps}: nothing to train. "
+                          "To train longer, raise the step count (TRAIN_STEPS, or loop.LoopConfig.num_steps).")
+            return result
         if step == 0 and cfg.eval_at_start:
             self._evaluate(0, state, result)
         watch = PreemptionWatch()
         window: list[Mapping[str, Any]] = []
         previous: Mapping[str, Any] | None = None
         window_start, timed = None, 0
+        if step < cfg.num_steps:  # the first batch waits for the pipeline to start (shuffle buffers fill)
+            console.print("Reading the first batch...")
         try:
             with self._progress(step) as progress:
                 task = progress.add_task("train", total=cfg.num_steps, completed=step, metrics="")
@@ -171,9 +181,9 @@ class TrainLoop:
             if not result.preempted:
                 self._evaluate(step, state, result)
         finally:
-            watch.close()
             self.checkpointer.wait()
             self.metrics.flush()
+            watch.close()  # last: a SIGTERM meanwhile sets its flag, not the start-up handler's
         result.state, result.step = state, step
         return result
 
@@ -238,8 +248,10 @@ class TrainLoop:
             f"{k}={scalars[k]:.4g}" for k in self.console_keys if k in scalars
         )
         progress.update(task, metrics=shown)
-        if not console.is_terminal:
-            console.print(f"step {step}/{self.config.num_steps}  {shown}")
+        if not console.is_terminal:  # a terminal shows the bar and its time remaining instead
+            left = self.config.num_steps - step
+            eta = f"  eta={format_eta(left * elapsed / timed)}" if timed and left else ""
+            console.print(f"step {step}/{self.config.num_steps}  {shown}{eta}")
 
     def _evaluate(self, step: int, state: Any, result: LoopResult) -> None:
         if not self.eval_hooks:
@@ -250,6 +262,18 @@ class TrainLoop:
                 scalars[f"{name}/{k}"] = float(v)
         self.metrics.write(step, scalars)
         result.evals[step] = scalars
+
+
+def format_eta(seconds: float) -> str:
+    """A duration for the progress line: 45s, 3m12s, 2h05m."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def resume_command() -> str:
@@ -283,3 +307,35 @@ class PreemptionWatch:
     def close(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+class _StartUpInterrupted(BaseException):
+    """SIGTERM before the first step; not an `Exception`, so that no `except Exception` swallows it."""
+
+
+@contextlib.contextmanager
+def exit_on_sigterm_during_start_up(latest_step: Callable[[], int | None]):
+    """Until the loop's `PreemptionWatch` takes over, SIGTERM (while compiling, reading data,
+    restoring) ends the process with status 143 and says how to resume: there is nothing new
+    to save. `latest_step()`: the run's latest checkpoint, for the message."""
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+        yield  # several processes: JAX's preemption service owns the signal
+        return
+
+    def interrupt(*_):
+        raise _StartUpInterrupted
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    except _StartUpInterrupted:
+        signal.signal(signal.SIGTERM, previous)  # a second SIGTERM now ends it the usual way
+        step = latest_step()
+        at = f"; the latest checkpoint is step {step}" if step is not None else ""
+        console.print(
+            f"[bold yellow]Interrupted (SIGTERM) during start-up, before the first step{at}; nothing new to save.[/] "
+            f"Resume with the same command:\n  {resume_command()}"
+        )
+        raise SystemExit(143) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
