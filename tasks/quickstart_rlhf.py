@@ -8,6 +8,7 @@ the demo's summary as the last line of JSON.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -59,7 +60,7 @@ def report(run_dir: str = "runs/quickstart_rlhf", sft: str = "runs/quickstart") 
         "kl": float(np.mean([r["kl"] for r in ppo[-10:]])),  # the last iterations' mean
         "kl_target": target,
         "reward_ppo": float(np.mean([r["reward/score_mean"] for r in ppo[-10:]])),  # the SFT policy's is 0 by normalisation
-        "plots": [os.path.join(run_dir, "ppo", p) for p in ("reward.png", "kl.png")],
+        "plots": sorted(glob.glob(os.path.join(run_dir, "ppo", "*.png"))),  # whatever the PPO run wrote
     }
     print(json.dumps(summary))
     return summary

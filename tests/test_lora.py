@@ -230,3 +230,17 @@ def test_model_passes_dropout_rngs_to_adapters():
     plain = model(tokens)[0]
     np.testing.assert_array_equal(plain, model(tokens)[0])
     assert not np.allclose(model(tokens, rngs=nnx.Rngs(dropout=0))[0], plain)
+
+
+def test_num_adapter_params_counts_rank_times_in_plus_out():
+    from flanjax.models.lora import num_adapter_params
+    from flanjax.models.transformer import new_model
+
+    d, f, h, r = TINY.d_model, TINY.d_ff, TINY.head_size, ALL.rank
+    q, kv = TINY.num_heads * h, TINY.num_kv_heads * h
+    # (in, out) of every targeted projection: q, k, v, o, then the SwiGLU MLP's gate, up, down.
+    projections = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+    expected = TINY.num_layers * sum(r * (n_in + n_out) for n_in, n_out in projections)
+    assert num_adapter_params(wrapped(randomize=False)) == expected
+    assert num_adapter_params(nnx.eval_shape(lambda: new_model(TINY, ALL))) == expected  # no weights needed
+    assert num_adapter_params(base_model()) == 0

@@ -403,3 +403,65 @@ def test_rank_classification_metric_length_normalisation_matches_t5():
     )
     assert raw["accuracy"] == pytest.approx(t5_metrics.rank_classification(targets, scores)["accuracy"], abs=TOL)
     assert (raw["accuracy"], normalised["accuracy"]) == (pytest.approx(25.0), pytest.approx(75.0))
+
+
+# --- run plots (flanjax.rundir.metrics.plot_metrics) -----------------------------------------
+
+
+def _loss_rows(n=100):
+    """A training loss falling from 6 to 0.4 over `n` steps, validated at two steps."""
+    rows = [{"step": s, "loss": float(6 * (0.4 / 6) ** (s / (n - 1)))} for s in range(n)]
+    rows[49]["validation/loss"], rows[99]["validation/loss"] = 2.0, 0.9
+    return rows
+
+
+def _figure(rows, keys=("loss", "validation/loss"), log_scale=True, ylabel="", hlines=None):
+    from flanjax.rundir.metrics import _figure
+
+    fig = _figure(rows, keys, "run", log_scale, ylabel, hlines or {})
+    fig.draw_without_rendering()  # lays out ticks and their labels
+    return fig, fig.axes[0]
+
+
+def test_plot_labels_the_y_axis():
+    rows = _loss_rows()
+    assert _figure(rows)[1].get_ylabel() == "loss"  # "loss" and "validation/loss" measure the same
+    assert _figure(rows, keys=("loss",))[1].get_ylabel() == "loss"
+    assert _figure([{"step": 0, "kl": 1.0}], keys=("kl",), log_scale=False)[1].get_ylabel() == "kl"
+    assert _figure(rows, ylabel="cross-entropy (nats)")[1].get_ylabel() == "cross-entropy (nats)"
+
+
+def test_plot_draws_sparse_series_as_markers_only():
+    lines = {line.get_label(): line for line in _figure(_loss_rows())[1].get_lines()}
+    assert (lines["loss"].get_linestyle(), lines["loss"].get_marker()) == ("-", "None")
+    assert (lines["validation/loss"].get_linestyle(), lines["validation/loss"].get_marker()) == ("None", "o")
+    assert list(lines["validation/loss"].get_ydata()) == [2.0, 0.9]
+
+
+def test_plot_draws_reference_lines():
+    rows = [{"step": s, "kl": 0.1 * s} for s in range(50)]
+    fig, ax = _figure(rows, keys=("kl",), log_scale=False, hlines={"KL target": 6.0})
+    target = [line for line in ax.get_lines() if line.get_label() == "KL target"]
+    assert len(target) == 1 and list(target[0].get_ydata()) == [6.0, 6.0]
+    assert "KL target" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(_figure(rows, keys=("kl",), log_scale=False)[1].get_lines()) == 1  # none unless asked
+
+
+def test_plot_log_axis_ticks_read_as_decimals():
+    ax = _figure(_loss_rows())[1]
+    assert ax.get_yscale() == "log"
+    labels = [t.get_text() for t in ax.get_yticklabels(which="both") if t.get_text()]
+    assert {"0.4", "1", "2", "6"} <= set(labels), labels
+    assert all(float(label) > 0 for label in labels), labels  # plain numbers: no "$6\times10^{0}$"
+
+
+def test_plot_metrics_writes_a_png(tmp_path):
+    import json
+
+    from flanjax.rundir.metrics import plot_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _loss_rows()))
+    png = plot_metrics(str(path), str(tmp_path / "loss.png"), hlines={"target": 1.0})
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -226,6 +226,11 @@ def adapter_state(model: nnx.Module) -> nnx.State:
     return nnx.state(model, nnx.LoRAParam)
 
 
+def num_adapter_params(model: nnx.Module) -> int:
+    """How many LoRA parameters `model` has; works on an `nnx.eval_shape` model too (no weights needed)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(adapter_state(model)))
+
+
 def _flat_adapters(model: nnx.Module) -> dict[str, nnx.Variable]:
     return {".".join(map(str, p)): v for p, v in nnx.to_flat_state(adapter_state(model))}
 
