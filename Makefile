@@ -23,7 +23,7 @@ RLHF_DIR := runs/quickstart_rlhf
 LABEL    := $(VENV)/bin/flanjax label --policy runs/quickstart --task quickstart \
             --labeler rubric:tasks.quickstart_rlhf:rubric --max_new_tokens 16 --prompt_len 32
 quickstart-rlhf: $(STAMP)
-	test -d runs/quickstart/checkpoints || $(MAKE) quickstart
+	$(MAKE) quickstart  # finishes a pre-empted quickstart run; a finished one says so and stops
 	test -f $(RLHF_DIR)/preferences/train.jsonl || $(LABEL) --num_prompts 2000 --out $(RLHF_DIR)/preferences/train.jsonl
 	test -f $(RLHF_DIR)/preferences/validation.jsonl || $(LABEL) --split validation --num_prompts 400 --seed 1 \
 		--out $(RLHF_DIR)/preferences/validation.jsonl

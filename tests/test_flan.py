@@ -108,3 +108,36 @@ def test_mixing_rates_are_examples_proportional_capped_at_3000():
         size = task.num_input_examples("train")
         assert size and rates[task.name] == min(size, MAX_EXAMPLES_PER_TASK), task.name
     assert rates["flan_cb"] == 200 and rates["flan_copa"] < 3000 and rates["flan_mnli"] == 3000
+
+
+_AUXILIARIES = {"is", "are", "was", "were", "do", "does", "did", "would", "will", "can", "could", "should", "has", "have"}
+
+
+def _yes_no_questions(text: str) -> list[str]:
+    """The questions of a template (fields left out) that a yes or a no answers: ones opening
+    a clause with an auxiliary verb, or asking "whether"/"if", without an "or" alternative."""
+    import re
+
+    sentences = re.split(r"(?<=[.?!:])\s+|\n+", re.sub(r"\{\w+\}", "...", text))
+    found = []
+    for sentence in sentences:
+        clauses = [re.findall(r"[a-z']+", c.lower()) for c in sentence.split(",")]
+        asks = (sentence.endswith("?") and any(c and c[0] in _AUXILIARIES for c in clauses)) or any(
+            w in ("whether", "if") for c in clauses for w in c
+        )
+        if asks and "or" not in {w for c in clauses for w in c}:
+            found.append(sentence.strip())
+    return found
+
+
+def test_sentiment_questions_fit_their_options():
+    """A yes/no question needs yes/no options; the sentiment tasks answer negative/positive."""
+    assert _yes_no_questions("{text}\n\nWould you say the writer recommends this movie?")
+    assert _yes_no_questions("Read this review and tell me if it is favourable.\n\n{text}")
+    assert not _yes_no_questions("{text}\n\nIs this movie review positive or negative?")
+    assert not _yes_no_questions("Tweet: {text}\n\nWhat is the mood of this tweet?")
+    for task in templated.templated_tasks("sentiment"):
+        yes_no = {o.lower() for o in task.options} == {"yes", "no"}
+        for template in task.forward_templates:
+            questions = _yes_no_questions(template.inputs)
+            assert yes_no or not questions, f"{task.name}: {questions} answered by {task.options}"

@@ -2,8 +2,8 @@
 
 Importing this package registers every task (`flan_<dataset>`, `flan_<dataset>_eval`,
 `flan_<dataset>_fewshot`) and FLAN's mixtures (see `tasks.flan.mixtures`). The tasks
-tokenize with `flanjax.data.vocab.DEFAULT_VOCABULARY`: bind
-`vocab.default_tokenizer.path` (or set $FLANJAX_TOKENIZER) to the model's tokenizer.
+tokenize with `flanjax.data.vocab.DEFAULT_VOCABULARY`: set the run's `TOKENIZER`
+(`--gin.TOKENIZER=DIR`, or $FLANJAX_TOKENIZER) to the model's tokenizer directory.
 """
 
 from tasks.flan import (  # noqa: F401  (imported to register; order = cluster order)

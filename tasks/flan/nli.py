@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import tensorflow as tf
-
 from flanjax.data.sources import flan_source
 from flanjax.data.templated import add_task, label, labelled
 from flanjax.data.templates import Template as T
