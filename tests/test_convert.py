@@ -13,9 +13,12 @@ import os
 import gin
 import numpy as np
 import pytest
+import seqio
+import tensorflow as tf
 from flax import nnx
 
 from flanjax import cli, convert
+from flanjax.data.vocab import HFVocabulary
 from flanjax.models import hf
 from flanjax.models.transformer import new_model
 from flanjax.rundir.checkpoint import Checkpointer
@@ -62,7 +65,7 @@ def params(model) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_from_hf_train_with_lora_and_back(hf_dir, tmp_path, repo_root, monkeypatch):
+def test_from_hf_train_with_lora_and_back(hf_dir, tmp_path, repo_root, monkeypatch, capsys):
     monkeypatch.chdir(repo_root)
     source = {k: v.numpy() for k, v in transformers.AutoModelForCausalLM.from_pretrained(hf_dir).state_dict().items()}
     old_len = len(transformers.AutoTokenizer.from_pretrained(hf_dir))
@@ -83,11 +86,24 @@ def test_from_hf_train_with_lora_and_back(hf_dir, tmp_path, repo_root, monkeypat
     gin_text = open(os.path.join(converted, "model.gin")).read()
     assert "lm.train.init_checkpoint" in gin_text and "vocab.default_tokenizer.path" in gin_text
 
-    # LoRA training from the converted weights: the base stays bit-identical, adapters move.
+    # The quickstart's tasks (its tokenizer: one token fewer) are refused: ids would shift meaning.
     tuned = str(tmp_path / "tuned")
     args = ["train", "--gin_file=tests/tiny_run.gin", f"--gin_file={converted}/model.gin", "--gin_file=configs/runs/lora.gin",
             f"--gin.MODEL_DIR={tuned}", "--gin.TRAIN_STEPS=3", "--gin.lora.LoraConfig.dropout=0.0"]  # fmt: skip
-    assert run_cli(args) == 0
+    assert run_cli(args) == 1
+    assert f"the model of {converted} reads the one in {converted}/tokenizer" in capsys.readouterr().err
+
+    # LoRA training from the converted weights on data in its own tokenizer: the base stays
+    # bit-identical, adapters move.
+    vocabulary = HFVocabulary(os.path.join(converted, "tokenizer"))
+    texts = {"inputs": [f"Sort the digits {i} {i + 3} {i + 1}." for i in range(6)], "targets": [f"{i} {i + 1} {i + 3}" for i in range(6)]}
+    source = seqio.FunctionDataSource(lambda split, shuffle_files, seed=None: tf.data.Dataset.from_tensor_slices(texts), splits=["train"])
+    seqio.TaskRegistry.add("converted_sort", source, preprocessors=[seqio.preprocessors.tokenize],
+                           output_features={k: seqio.Feature(vocabulary, add_eos=k == "targets") for k in texts})  # fmt: skip
+    try:
+        assert run_cli([*args, "--gin.MIXTURE_OR_TASK_NAME=converted_sort"]) == 0
+    finally:
+        seqio.TaskRegistry.remove("converted_sort")
     trained, base = params(restore(tuned, 3)), params(model)
     adapters = {k for k in trained if "lora_" in k}
     assert adapters and {k.replace("/base", "") for k in trained.keys() - adapters} == base.keys()

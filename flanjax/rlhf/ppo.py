@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,6 +79,9 @@ class PPOConfig:
     ema_decay: float | None = None  # e.g. 0.992 (DeepSpeed-Chat); None: no EMA
 
 
+# Registered here, not only through the run files' dynamic registration, so that the command
+# line can switch PPO-ptx on: --gin.ppo.train_ppo.ptx=@ppo.PtxConfig().
+@gin.register
 @dataclasses.dataclass(frozen=True)
 class PtxConfig:
     """The pre-training (or instruction) mixture whose LM loss PPO-ptx mixes in."""
