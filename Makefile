@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/vs_torch.py train
 	$(PY) benchmarks/vs_torch.py decode
 	$(VENV)/bin/flanjax bench rank
+	$(PY) benchmarks/loss_memory.py
 	$(PY) benchmarks/hf_load.py --shape tinyllama
 	$(VENV)/bin/flanjax bench ppo --model=bench_27m --batch_size=32 --prompt_len=64 --new_tokens=64
 

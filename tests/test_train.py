@@ -19,7 +19,7 @@ from flanjax.rundir.metrics import MetricsLog, read_metrics
 from flanjax.sharding import MeshConfig, Partitioner, make_mesh
 from flanjax.train import optim
 from flanjax.train.loop import LoopConfig, NonFiniteLossError, TrainLoop
-from flanjax.train.losses import add_terms, lm_loss
+from flanjax.train.losses import add_terms, chunked_token_cross_entropy, lm_loss
 from flanjax.train.steps import TrainState, lm_init, make_train_step
 from flanjax.train.trainer import jit_step, sharded_step
 
@@ -66,6 +66,36 @@ def test_sharded_step_equals_single_device_step(mesh):
     assert jax.device_count() == 8
     ref_losses, ref_state = run_steps(single_device(), BATCHES)
     losses, state = run_steps(Partitioner.from_config(mesh), BATCHES)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), state, ref_state)
+
+
+@pytest.mark.parametrize("chunk_size", [8, 12])  # divides the 32 positions; leaves a padded last chunk
+def test_chunked_cross_entropy_and_its_gradients_equal_the_full_logits_ones(chunk_size):
+    """The reference: `token_cross_entropy` of the whole [b, t, v] logits (optax's cross-entropy)."""
+    b = BATCHES[0]
+
+    def stats(model, chunk):
+        hidden, _ = model(b["decoder_input_tokens"], b["decoder_positions"], b["decoder_segment_ids"], return_hidden=True)
+        return chunked_token_cross_entropy(hidden, model.logits, b["decoder_target_tokens"], b["decoder_loss_weights"],
+                                           z_loss=1e-3, chunk_size=chunk)  # fmt: skip
+
+    def loss(model, chunk):
+        s = stats(model, chunk)
+        return (s.loss + s.z_loss) / s.weight
+
+    model = Transformer(NO_DROPOUT, rngs=nnx.Rngs(0))
+    full, chunked = stats(model, None), stats(model, chunk_size)
+    for name, a, c in zip(full._fields, full, chunked):
+        np.testing.assert_allclose(c, a, rtol=1e-5, err_msg=name)
+    assert float(full.weight) == float(np.sum(b["decoder_loss_weights"]))  # padding added no weight
+    expected, got = nnx.grad(loss)(model, None), nnx.grad(loss)(model, chunk_size)
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-7), nnx.to_pure_dict(expected), nnx.to_pure_dict(got))
+
+
+def test_chunked_loss_on_a_sharded_mesh_equals_the_full_logits_step():
+    ref_losses, ref_state = run_steps(single_device(), BATCHES, loss=lm_loss(chunk_size=None))
+    losses, state = run_steps(Partitioner.from_config(MeshConfig(data=2, fsdp=2, tensor=2)), BATCHES, loss=lm_loss(chunk_size=12))
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), state, ref_state)
 

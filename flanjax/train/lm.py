@@ -57,6 +57,7 @@ def train(
     shuffle: bool = True,
     num_microbatches: int = 1,
     z_loss: float = 0.0,
+    loss_chunk_size: int | None = 512,  # positions whose logits are made at once; None: all
     seed: int = 0,
     init_checkpoint: str | None = None,
     lora: LoraConfig | None = None,
@@ -70,9 +71,10 @@ def train(
     partitioner = Partitioner.from_config(mesh)
     per_process = partitioner.per_process_batch_size(batch_size)
     vocabulary = check_vocabulary(mixture_or_task_name, model.vocab_size)
-    check_datasets(mixture_or_task_name)  # before compiling: a missing dataset fails now, not at the first batch
+    # Before compiling: a missing dataset fails now, not at the first batch or evaluation.
+    check_datasets(mixture_or_task_name, evaluation and evaluation.mixture_or_task_name)
     batches = SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process, seed=seed, pack=pack, shuffle=shuffle)
-    loss = lm_loss(z_loss)
+    loss = lm_loss(z_loss, loss_chunk_size)
     evaluations: dict[int, dict[str, TaskResult]] = {}
 
     def make_hooks(graphdef, abstract):

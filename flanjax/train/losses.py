@@ -52,13 +52,50 @@ def token_cross_entropy(
     )
 
 
-def lm_loss(z_loss: float = 0.0) -> LossFn:
+def chunked_token_cross_entropy(
+    hidden: jax.Array,  # [b, t, d] final hidden states
+    unembed: Callable[[jax.Array], jax.Array],  # [b, c, d] -> logits [b, c, v]
+    targets: jax.Array,  # [b, t]
+    weights: jax.Array,  # [b, t]
+    z_loss: float = 0.0,
+    chunk_size: int | None = 512,
+) -> TokenStats:
+    """`token_cross_entropy(unembed(hidden), ...)` over chunks of `chunk_size` positions: each
+    chunk's logits are made, reduced and dropped, in the forward pass and again (recomputed)
+    in the backward, so memory holds one chunk's [b, chunk_size, v] logits, never [b, t, v].
+    Chunks split the sequence, not the batch, so that a batch-sharded mesh keeps its layout.
+    None: the whole sequence at once."""
+    b, t, _ = hidden.shape
+    if chunk_size is None or t <= chunk_size:
+        return token_cross_entropy(unembed(hidden), targets, weights, z_loss)
+    n = -(-t // chunk_size)
+    pad = n * chunk_size - t  # padded positions weigh 0
+
+    def chunks(x: jax.Array) -> jax.Array:  # [b, t, ...] -> [n, b, chunk_size, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, n, chunk_size, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint  # save only the chunk's inputs: its logits are recomputed for the backward pass
+    def chunk_stats(h, y, w):
+        return token_cross_entropy(unembed(h), y, w, z_loss)
+
+    def add(total: TokenStats, chunk) -> tuple[TokenStats, None]:
+        return TokenStats(*(a + c for a, c in zip(total, chunk_stats(*chunk)))), None
+
+    zero = TokenStats(*(jnp.zeros((), jnp.float32) for _ in TokenStats._fields))
+    return jax.lax.scan(add, zero, (chunks(hidden), chunks(targets), chunks(weights)))[0]
+
+
+def lm_loss(z_loss: float = 0.0, chunk_size: int | None = 512) -> LossFn:
     """Mean cross-entropy over the weighted target tokens of decoder features (see
-    `data.pipeline`), plus an optional z-loss."""
+    `data.pipeline`), plus an optional z-loss; the logits are made `chunk_size` positions at
+    a time (`chunked_token_cross_entropy`)."""
 
     def loss_fn(model: nnx.Module, batch: Mapping[str, jax.Array], rngs: nnx.Rngs | None):
-        logits, _ = model(batch["decoder_input_tokens"], batch["decoder_positions"], batch["decoder_segment_ids"], rngs=rngs)
-        stats = token_cross_entropy(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"], z_loss)
+        inputs = (batch["decoder_input_tokens"], batch["decoder_positions"], batch["decoder_segment_ids"])
+        hidden, _ = model(*inputs, rngs=rngs, return_hidden=True)
+        targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+        stats = chunked_token_cross_entropy(hidden, model.logits, targets, weights, z_loss, chunk_size)
         metrics = {"loss_sum": stats.loss, "z_loss_sum": stats.z_loss, "correct_sum": stats.correct, "weight_sum": stats.weight}
         return (stats.loss + stats.z_loss) / jnp.maximum(stats.weight, 1.0), metrics
 
