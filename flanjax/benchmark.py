@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from flanjax.decode import SamplingConfig, decoder_features, generate, score
+from flanjax.decode import SamplingConfig, decoder_features, generate, score, score_rows
 from flanjax.models.heads import ScoreModel
 from flanjax.models.transformer import Transformer, TransformerConfig
 from flanjax.rlhf.kl import KLConfig
@@ -151,23 +151,33 @@ def bench_rank(
     batch_size: int = 32,
     prompt_len: int = 128,
     option_len: int = 8,
+    num_options: int = 4,
     repeats: int = 5,
     warmup: int = 1,
     mesh: MeshConfig = MeshConfig(),
 ) -> dict:
-    """Times scoring rank-classification rows (a prompt and one option each): options per second."""
+    """Times scoring `batch_size` rank-classification rows (a prompt and one of its
+    `num_options` options each) two ways, host work included: every row whole (`score`), and
+    each prompt computed once (`score_rows`, what evaluation does). Options per second of each."""
     partitioner = Partitioner.from_config(mesh)
-    length = prompt_len + option_len
-    rows = synthetic_lm_batch(batch_size, length, config.vocab_size)
-    rows["decoder_loss_weights"][:, :prompt_len] = 0  # only the option's tokens are scored
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(1, config.vocab_size, (max(1, batch_size // num_options), prompt_len))
+    options = rng.integers(1, config.vocab_size, (len(prompts) * num_options, option_len))
+    weights = np.zeros((len(options), prompt_len + option_len), np.float32)
+    weights[:, prompt_len:] = 1  # only the options' tokens are scored
+    rows = decoder_features(np.concatenate([np.repeat(prompts, num_options, axis=0), options], axis=1), weights)
+    n = len(options)
     with partitioner.activate():
         graphdef, state = _model_state(config, partitioner)
-        batch = partitioner.shard_batch(rows)
-        seconds = _median_seconds(lambda: score(graphdef, state, batch), repeats, warmup)
+    per_row = _median_seconds(lambda: partitioner.map_batches(lambda b, _: score(graphdef, state, b).log_likelihood, rows, n),
+                              repeats, warmup)  # fmt: skip
+    once = _median_seconds(lambda: score_rows(graphdef, state, rows, partitioner, n), repeats, warmup)
     return {
-        **_describe(config, model_name, batch_size=batch_size, prompt_len=prompt_len, option_len=option_len),
-        "seconds_per_batch": seconds,
-        "options_per_s": batch_size / seconds,
+        **_describe(config, model_name, batch_size=n, prompt_len=prompt_len, option_len=option_len, num_options=num_options),
+        "per_row": {"seconds_per_batch": per_row, "options_per_s": n / per_row},
+        "prompt_once": {"seconds_per_batch": once, "options_per_s": n / once},
+        "options_per_s": n / once,
+        "speedup": per_row / once,
         **_environment(),
     }
 

@@ -191,7 +191,8 @@ def cmd_bench(args: argparse.Namespace, bindings: list[str]) -> int:
     elif args.what == "ppo":
         result = benchmark.bench_ppo(config, **shape, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
     else:
-        result = benchmark.bench_rank(config, **shape, prompt_len=args.prompt_len, option_len=args.option_len)
+        result = benchmark.bench_rank(config, **shape, prompt_len=args.prompt_len, option_len=args.option_len,
+                                      num_options=args.num_options)  # fmt: skip
     print(json.dumps(result))
     return 0
 
@@ -437,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt_len", type=int, default=128, help="decode, rank: prompt tokens")
     bench.add_argument("--new_tokens", type=int, default=128, help="decode: tokens generated per row")
     bench.add_argument("--option_len", type=int, default=8, help="rank: tokens per scored option")
+    bench.add_argument("--num_options", type=int, default=4, help="rank: options per prompt")
     bench.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
     bench.set_defaults(run=cmd_bench)
 

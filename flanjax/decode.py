@@ -197,6 +197,76 @@ def score(graphdef: nnx.GraphDef, state: nnx.State, batch: Mapping[str, jax.Arra
     return Scores(per_token, per_token.sum(axis=-1), (weights > 0).sum(axis=-1))
 
 
+@functools.partial(jax.jit, static_argnames="graphdef")
+def score_options(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompts: jax.Array,  # [b, p] left-padded decoder inputs (0 first), each prompt once
+    prompt_lengths: jax.Array,  # [b]
+    options: jax.Array,  # [b, k, o] continuations of each prompt, right-padded
+    weights: jax.Array,  # [b, k, o]; 0 on padding (and on tokens not scored)
+) -> jax.Array:
+    """Log-likelihood [b, k] of each prompt's `k` options: the prompt is prefilled into the KV
+    cache once, then every option reads a copy of that cache. The same numbers as `score` of
+    the rows prompt + option, for a fraction of the prompt's computation."""
+    model = nnx.merge(graphdef, state)
+    b, p = prompts.shape
+    k, o = options.shape[1:]
+    padding = p - prompt_lengths[:, None]
+    slots = jnp.arange(p)[None]
+    hidden, cache = model(prompts, jnp.maximum(slots - padding, 0), (slots >= padding).astype(jnp.int32),
+                          cache=KVCache.empty(model.config, b, p + o), return_hidden=True)  # fmt: skip
+    first = model.logits(hidden[:, -1:])  # [b, 1, v]: predicts each option's first token
+    copies = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731  row i -> rows i*k .. i*k + k - 1
+    cache = KVCache(tuple(map(copies, cache.k)), tuple(map(copies, cache.v)), copies(cache.segment_ids), cache.index)
+    options, weights = options.reshape(b * k, o), weights.reshape(b * k, o)
+    positions = copies(prompt_lengths)[:, None] + jnp.arange(o)[None]
+    hidden, _ = model(options[:, :-1], positions[:, :-1], jnp.ones((b * k, o - 1), jnp.int32), cache=cache, return_hidden=True)
+    logits = jnp.concatenate([copies(first), model.logits(hidden)], axis=1)  # [b*k, o, v]
+    return token_log_likelihoods(logits, options, weights).sum(axis=-1).reshape(b, k)
+
+
+def score_rows(graphdef: nnx.GraphDef, state: nnx.State, rows: Mapping[str, np.ndarray], partitioner, batch_size: int) -> np.ndarray:
+    """`score(...).log_likelihood` of decoder-feature rows (NumPy, see `decoder_features`), with
+    rows that share their prompt (every input token up to the first scored one) scored by
+    `score_options`, the prompt computed once: the options of rank classification. About
+    `batch_size` rows go to the device at a time. Returns [n] log-likelihoods."""
+    inputs, targets, weights = rows["decoder_input_tokens"], rows["decoder_target_tokens"], rows["decoder_loss_weights"]
+    n, t = targets.shape
+    scored = weights > 0
+    start = np.where(scored.any(1), scored.argmax(1), t)  # the first scored token (t: none)
+    end = t - scored[:, ::-1].argmax(1)
+    groups: dict[bytes, list[int]] = {}
+    for i in np.flatnonzero(start < t):
+        groups.setdefault(inputs[i, : start[i] + 1].tobytes(), []).append(i)
+    result = np.zeros(n, np.float32)
+    if not groups:
+        return result
+    members = list(groups.values())
+    p, o, k = int(start.max(initial=0, where=start < t)) + 1, int((end - start)[start < t].max()), max(map(len, members))
+    o += o == 1  # at least two option slots: the first token comes from the prompt's last position
+    prompts = np.zeros((len(members), p), np.int32)
+    lengths = np.zeros(len(members), np.int32)
+    options = np.zeros((len(members), k, o), np.int32)
+    option_weights = np.zeros((len(members), k, o), np.float32)
+    for g, group in enumerate(members):
+        lengths[g] = start[group[0]] + 1
+        prompts[g, p - lengths[g] :] = inputs[group[0], : lengths[g]]
+        for j, i in enumerate(group):
+            options[g, j, : end[i] - start[i]] = targets[i, start[i] : end[i]]
+            option_weights[g, j, : end[i] - start[i]] = weights[i, start[i] : end[i]]
+    shards = partitioner.data_parallel_size
+    prompts_per_batch = max(1, batch_size // k // shards) * shards
+    scores = partitioner.map_batches(
+        lambda batch, _: score_options(graphdef, state, batch["prompts"], jnp.maximum(batch["lengths"], 1),
+                                       batch["options"], batch["weights"]),
+        {"prompts": prompts, "lengths": lengths, "options": options, "weights": option_weights}, prompts_per_batch,
+    )  # fmt: skip
+    for g, group in enumerate(members):
+        result[group] = scores[g, : len(group)]
+    return result
+
+
 def generate_texts(
     graphdef: nnx.GraphDef,
     state: nnx.State,

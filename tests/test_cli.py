@@ -315,6 +315,16 @@ def test_bench_train_prints_one_json_object(capsys):
     assert 0 < result["mfu"] and result["peak_rss_mb"] > 0 and result["params"] > 0
 
 
+def test_bench_rank_prints_both_ways_of_scoring(capsys):
+    gin.clear_config(clear_constants=True)
+    assert cli.main(["bench", "rank", "--model=tiny", "--batch_size=8", "--prompt_len=16", "--option_len=4", "--num_options=4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["batch_size"], result["num_options"]) == (8, 4)
+    for way in ("per_row", "prompt_once"):
+        assert result[way]["options_per_s"] == pytest.approx(8 / result[way]["seconds_per_batch"])
+    assert result["speedup"] == pytest.approx(result["per_row"]["seconds_per_batch"] / result["prompt_once"]["seconds_per_batch"])
+
+
 def test_tasks_list_prints_task_objects(capsys):
     assert cli.main(["tasks", "list", "--json"]) == 0
     listing = {t["name"]: t for t in json.loads(capsys.readouterr().out)}

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flanjax.decode import SamplingConfig, SequenceTooLongError, filter_logits, generate, next_token, score
+from flanjax.decode import (
+    SamplingConfig, SequenceTooLongError, decoder_features, filter_logits, generate, next_token, score, score_rows,
+)
 from flanjax.models.transformer import Transformer, TransformerConfig
 from flanjax.sharding import MeshConfig, Partitioner, make_mesh
 
@@ -166,3 +168,35 @@ def test_score_equals_log_softmax_of_a_full_forward_pass():
         assert not np.asarray(out.token_log_likelihoods[i, n:]).any()
         np.testing.assert_allclose(float(out.log_likelihood[i]), expected.sum(), atol=1e-4)
         assert int(out.num_tokens[i]) == rows["decoder_loss_weights"][i].sum()
+
+
+def option_rows(rng, prompts: int, options: list[int], width: int):
+    """Rank-classification rows (decoder features): each prompt followed by several options of
+    different lengths, one row per option, rows of one prompt not next to each other; plus a
+    row with nothing scored."""
+    tokens, weights = [], []
+    for i in range(prompts):
+        prompt = rng.integers(1, TINY.vocab_size, rng.integers(1, width // 2))
+        for length in options[: 2 + i % (len(options) - 1)]:  # 2 .. len(options) options a prompt
+            row = [*prompt, *rng.integers(1, TINY.vocab_size, length)]
+            tokens.append(row + [0] * (width - len(row)))
+            weights.append([0] * len(prompt) + [1] * length + [0] * (width - len(row)))
+    tokens.append([*rng.integers(1, TINY.vocab_size, 5)] + [0] * (width - 5))
+    weights.append([0] * width)
+    order = rng.permutation(len(tokens))
+    return decoder_features(np.asarray(tokens)[order], np.asarray(weights)[order])
+
+
+@pytest.mark.parametrize("mesh", [MeshConfig(data=1), MeshConfig(data=2, fsdp=2, tensor=2)])
+def test_scoring_each_prompt_once_equals_scoring_every_row(mesh):
+    """The reference: `score` of every row, prompt and option together, without a cache."""
+    partitioner = Partitioner(make_mesh(mesh, devices=jax.devices()[: mesh.data * mesh.fsdp * mesh.tensor]))
+    init = lambda: Transformer(TINY, rngs=nnx.Rngs(2))  # noqa: E731
+    rows = option_rows(np.random.default_rng(6), prompts=7, options=[1, 3, 2, 4], width=20)
+    graphdef, abstract = partitioner.abstract_state(init)
+    with partitioner.activate():
+        state = partitioner.create(init, abstract)
+    per_row = partitioner.map_batches(lambda batch, _: score(graphdef, state, batch).log_likelihood, rows, 8)
+    once = score_rows(graphdef, state, rows, partitioner, batch_size=8)
+    assert once.shape == (len(rows["decoder_target_tokens"]),) and (once < 0).sum() == len(once) - 1
+    np.testing.assert_allclose(once, per_row, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,8 @@ the tasks' post-processing and their metric functions. flanjax supplies the two 
 functions seqio asks for, both running sharded on the mesh:
 
     predict  decode each example's prompt (its inputs) with `flanjax.decode.generate`
-    score    the log-likelihood of each row's targets with `flanjax.decode.score`
+    score    the log-likelihood of each row's targets with `flanjax.decode.score_rows` (rows
+             that share a prompt, the options of one example, compute it once)
 
 A task is evaluated by generation when its metrics take `(targets, predictions)` and by
 scoring when they take `(targets, scores)` (rank classification: one row per option, see
@@ -24,7 +25,7 @@ import seqio
 from flax import nnx
 
 from flanjax.data.pipeline import decoder_converter, get_task_or_mixture
-from flanjax.decode import SamplingConfig, SequenceTooLongError, check_length, decoder_features, generate, score
+from flanjax.decode import SamplingConfig, SequenceTooLongError, check_length, decoder_features, generate, score_rows
 from flanjax.errors import FlanjaxError
 from flanjax.models.transformer import TransformerConfig
 from flanjax.sharding import Partitioner
@@ -150,8 +151,7 @@ class Evaluator:
 
     def _score(self, ds, model_state: nnx.State) -> list[tuple[int, float]]:
         indices, rows = self._rows(ds)
-        scores = self.partitioner.map_batches(lambda batch, _: score(self.graphdef, model_state, batch).log_likelihood,
-                                              rows, self.config.batch_size)  # fmt: skip
+        scores = score_rows(self.graphdef, model_state, rows, self.partitioner, self.config.batch_size)  # each prompt once
         return [(i, float(s)) for i, s in zip(indices, scores)]
 
     @staticmethod

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from flanjax.data.preferences import Comparison, comparison, read_comparisons
-from flanjax.decode import decoder_features, score
+from flanjax.decode import decoder_features, score_rows
 from flanjax.errors import FlanjaxError
 from flanjax.rundir.files import check_tokenizer, resolve_checkpoint, restore
 
@@ -243,8 +243,7 @@ class JudgeLabeler:
         for r, (context, target) in enumerate(rows):
             tokens[r, : len(context) + len(target)] = [*context, *target]
             weights[r, len(context) : len(context) + len(target)] = 1.0
-        scores = self.partitioner.map_batches(lambda batch, _: score(self.graphdef, self.state, batch).log_likelihood,
-                                              decoder_features(tokens, weights), self.batch_size)  # fmt: skip
+        scores = score_rows(self.graphdef, self.state, decoder_features(tokens, weights), self.partitioner, self.batch_size)
         return scores.astype(np.float64)
 
 
