@@ -100,6 +100,31 @@ def test_chunked_loss_on_a_sharded_mesh_equals_the_full_logits_step():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), state, ref_state)
 
 
+@pytest.mark.parametrize("remat", ["save_dots", "full"])
+def test_rematerialised_layers_give_the_same_gradients(remat):
+    """Dropout included: the backward pass recomputes with the same randomness."""
+    b = BATCHES[0]
+
+    def loss(model):
+        logits, _ = model(b["decoder_input_tokens"], b["decoder_positions"], b["decoder_segment_ids"], rngs=nnx.Rngs(dropout=4))
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    config = dataclasses.replace(TINY, attention_dropout=0.1)
+    expected = nnx.to_pure_dict(nnx.grad(loss)(Transformer(config, rngs=nnx.Rngs(0))))
+    got = nnx.to_pure_dict(nnx.grad(loss)(Transformer(dataclasses.replace(config, remat=remat), rngs=nnx.Rngs(0))))
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-8), expected, got)
+    with pytest.raises(ValueError, match="remat='some' is not one of none, save_dots, full"):
+        dataclasses.replace(TINY, remat="some")
+
+
+def test_rematerialised_training_on_a_sharded_mesh_equals_the_plain_step():
+    ref_losses, ref_state = run_steps(single_device(), BATCHES, config=NO_DROPOUT)
+    mesh = Partitioner.from_config(MeshConfig(data=2, fsdp=2, tensor=2))
+    losses, state = run_steps(mesh, BATCHES, config=dataclasses.replace(NO_DROPOUT, remat="full"))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), state, ref_state)
+
+
 def test_microbatches_accumulate_to_the_full_batch_gradient():
     # Unequal target counts per microbatch: the loss must be normalised over the whole batch.
     batch = dict(BATCHES[0])

@@ -27,6 +27,14 @@ from flanjax.sharding import constrain
 Axes = tuple[str | None, ...]
 
 
+# `TransformerConfig.remat` -> the jax.checkpoint policy of each layer (None: no remat).
+REMAT_POLICIES = {
+    "none": None,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     vocab_size: int
@@ -72,6 +80,11 @@ class TransformerConfig:
     residual_dropout: float = 0.0
     residual_dropout_top: float | None = None
 
+    # What the backward pass keeps of each layer (training only; the forward pass is the same):
+    # "none" every activation; "save_dots" the matmul outputs, the rest recomputed; "full"
+    # only the layer's input, the whole layer recomputed (least memory, ~1/3 more compute).
+    remat: Literal["none", "save_dots", "full"] = "none"
+
     # Numerics: parameters stay float32; `dtype` is the compute dtype (e.g. "bfloat16").
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -83,6 +96,8 @@ class TransformerConfig:
             object.__setattr__(self, "rope_scaling", tuple(sorted(dict(self.rope_scaling).items())))
         if self.sliding_window_layers is not None:
             object.__setattr__(self, "sliding_window_layers", tuple(self.sliding_window_layers))
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r} is not one of {', '.join(REMAT_POLICIES)}.")
         rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope_type={rope_type!r} is not supported (flanjax implements default, linear, llama3).")
@@ -457,8 +472,12 @@ class Transformer(nnx.Module):
         if cache is not None:
             segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
             cache = cache._replace(segment_ids=segments)
+        policy = REMAT_POLICIES[self.config.remat]
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, positions, segment_ids, cache, i, rngs)
+            if policy is None or cache is not None:  # decoding is never differentiated
+                x, cache = layer(x, positions, segment_ids, cache, i, rngs)
+            else:
+                x = _remat_layer(layer, x, positions, segment_ids, i, rngs, policy)
         if cache is not None:
             cache = cache._replace(index=cache.index + t)
         x = self.final_norm(x)
@@ -470,6 +489,15 @@ class Transformer(nnx.Module):
         if logits.ndim == 3:
             logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits
+
+
+def _remat_layer(layer: Block, x, positions, segment_ids, index: int, rngs, policy) -> jax.Array:
+    """`layer` without a cache, its activations saved for the backward pass by `policy` only."""
+
+    def run(layer, x, positions, segment_ids, rngs):
+        return layer(x, positions, segment_ids, None, index, rngs)[0]
+
+    return nnx.remat(run, policy=policy)(layer, x, positions, segment_ids, rngs)
 
 
 def new_model(config: TransformerConfig, lora: LoraConfig | None = None, seed: int = 0, base: nnx.State | None = None) -> Transformer:
