@@ -18,7 +18,8 @@ from flax import nnx
 
 from flanjax.decode import SamplingConfig, decoder_features, generate, score, score_rows
 from flanjax.models.heads import ScoreModel
-from flanjax.models.transformer import Transformer, TransformerConfig
+from flanjax.models.lora import LoraConfig
+from flanjax.models.transformer import Transformer, TransformerConfig, new_model
 from flanjax.rlhf.kl import KLConfig
 from flanjax.rlhf.ppo import Graphs, PPOConfig, PPOStep, ppo_init
 from flanjax.rlhf.reward import sequence_scores
@@ -256,24 +257,29 @@ def bench_ppo(
     prompt_len: int = 64,
     new_tokens: int = 64,
     iterations: int = 2,
+    lora: LoraConfig | None = None,
     mesh: MeshConfig = MeshConfig(),
 ) -> dict:
     """Times PPO iterations (after one that compiles) with policy, reference, value and reward
     models all of `config`'s size, sampling exactly `new_tokens` per prompt, split into rollout,
-    scoring and training; then greedy decoding of the same shape, for the rollout's overhead."""
+    scoring and training; then greedy decoding of the same shape, for the rollout's overhead.
+    With `lora`, the policy trains adapters and the reference is itself with them off.
+    `held_mib`: the arrays PPO keeps on the devices (states, reference, reward model)."""
     partitioner = Partitioner.from_config(mesh)
     tx = optax.adamw(1e-6)
-    init = ppo_init(config, config, tx, tx)
+    init = ppo_init(config, config, tx, tx, lora=lora)
     state_def, abstract = partitioner.abstract_state(init)
     rng = np.random.default_rng(0)
     prompts = rng.integers(1, config.vocab_size, (batch_size, prompt_len), dtype=np.int32)
     with partitioner.activate():
-        plain_def, reference = _model_state(config, partitioner)
+        plain_def, reference = (None, None) if lora else _model_state(config, partitioner)
         reward_def, reward_abstract = partitioner.abstract_state(lambda: ScoreModel(config, rngs=nnx.Rngs(1)))
         reward = partitioner.create(lambda: ScoreModel(config, rngs=nnx.Rngs(1)), reward_abstract)
         state = partitioner.create(init, abstract)
+        held = sum(x.nbytes for x in jax.tree.leaves((state, reference, reward))) / 2**20
+        policy_def = nnx.split(nnx.eval_shape(lambda: new_model(config, lora)))[0]
         step = PPOStep(
-            Graphs(state_def, plain_def, plain_def), abstract, partitioner, reference=reference,
+            Graphs(state_def, policy_def, plain_def), abstract, partitioner, reference=reference,
             reward_fn=lambda params, tokens, lengths: sequence_scores(nnx.merge(reward_def, params), tokens, lengths),
             reward_params=reward, sampling=SamplingConfig(max_new_tokens=new_tokens, temperature=1.0),
             eos_id=-1, config=PPOConfig(), kl=KLConfig(),
@@ -290,6 +296,8 @@ def bench_ppo(
     return {
         **_describe(config, model_name, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens),
         "models": 4,
+        "lora_rank": lora and lora.rank,
+        "held_mib": held,
         "iteration_s": split["iteration_s"],
         "rollout_s": split["time/rollout_s"],
         "scoring_s": split["time/scoring_s"],

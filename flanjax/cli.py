@@ -189,7 +189,10 @@ def cmd_bench(args: argparse.Namespace, bindings: list[str]) -> int:
     elif args.what == "decode":
         result = benchmark.bench_decode(config, **shape, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
     elif args.what == "ppo":
-        result = benchmark.bench_ppo(config, **shape, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+        from flanjax.models.lora import LoraConfig
+
+        lora = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank) if args.lora_rank else None
+        result = benchmark.bench_ppo(config, **shape, prompt_len=args.prompt_len, new_tokens=args.new_tokens, lora=lora)
     else:
         result = benchmark.bench_rank(config, **shape, prompt_len=args.prompt_len, option_len=args.option_len,
                                       num_options=args.num_options)  # fmt: skip
@@ -439,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new_tokens", type=int, default=128, help="decode: tokens generated per row")
     bench.add_argument("--option_len", type=int, default=8, help="rank: tokens per scored option")
     bench.add_argument("--num_options", type=int, default=4, help="rank: options per prompt")
+    bench.add_argument("--lora_rank", type=int, default=0, help="ppo: a LoRA policy of this rank (0: full fine-tuning)")
     bench.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
     bench.set_defaults(run=cmd_bench)
 

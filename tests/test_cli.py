@@ -116,7 +116,7 @@ EVAL_CONFIG = os.path.join(config.REPO_ROOT, "configs", "runs", "eval.gin")
 
 
 # RLHF configs need an SFT run and preferences: test_rlhf trains them end to end.
-RLHF_CONFIGS = ("reward.gin", "ppo.gin", "quickstart_rlhf_reward.gin", "quickstart_rlhf_ppo.gin")
+RLHF_CONFIGS = ("reward.gin", "ppo.gin", "ppo_lora.gin", "quickstart_rlhf_reward.gin", "quickstart_rlhf_ppo.gin")
 
 
 @pytest.mark.slow
@@ -323,6 +323,20 @@ def test_bench_rank_prints_both_ways_of_scoring(capsys):
     for way in ("per_row", "prompt_once"):
         assert result[way]["options_per_s"] == pytest.approx(8 / result[way]["seconds_per_batch"])
     assert result["speedup"] == pytest.approx(result["per_row"]["seconds_per_batch"] / result["prompt_once"]["seconds_per_batch"])
+
+
+def test_bench_ppo_of_a_lora_policy_holds_no_reference_copy(capsys):
+    held = {}
+    for rank in (0, 2):
+        gin.clear_config(clear_constants=True)
+        assert cli.main(["bench", "ppo", "--model=tiny", "--batch_size=8", "--prompt_len=8", "--new_tokens=4", f"--lora_rank={rank}"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["lora_rank"] == (rank or None) and result["iteration_s"] > 0
+        held[rank] = result["held_mib"]
+    # LoRA keeps neither a reference copy nor AdamW's two moments of the policy: three models
+    # fewer, less the small adapters and their moments.
+    model_mib = result["params"] * 4 / 2**20
+    assert held[0] - held[2] == pytest.approx(3 * model_mib, rel=0.03)
 
 
 def test_tasks_list_prints_task_objects(capsys):

@@ -223,6 +223,24 @@ def test_lora_policy_trains_its_adapters_only_and_ema_follows():
         np.testing.assert_allclose(get(after["ema"]), 0.5 * get(before["ema"]) + 0.5 * get(policy_after), rtol=1e-5, atol=1e-7)
 
 
+def test_a_lora_policys_reference_is_itself_with_adapters_off():
+    """Scoring against the policy's own base (no reference copy) equals scoring against the
+    SFT model it started from, once the adapters have moved."""
+    from flanjax.models.lora import LoraConfig
+
+    partitioner = Partitioner.from_config(MeshConfig())
+    with partitioner.activate():
+        state, step, _ = ppo_setup(partitioner, config=PPOConfig(num_minibatches=2, no_stop_penalty=0.0), lora=LoraConfig(rank=2, alpha=4.0),
+                                   kl=KLConfig(init_beta=0.1))  # fmt: skip
+        batch = bandit_batch(partitioner, 16)
+        state, _ = step(state, batch)  # the adapters move: policy and reference now differ
+        generation = step._generate(state, batch, jax.random.key(1))
+        with_copy = step.scoring(state, step.reference, step.reward_params, batch, generation)
+        without = step.scoring(state, None, step.reward_params, batch, generation)
+    assert float(with_copy[1]["kl"]) != 0.0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7), jax.device_get(with_copy), jax.device_get(without))
+
+
 # --- the command line, end to end ---------------------------------------------------------------
 
 
@@ -271,6 +289,11 @@ def test_label_reward_ppo_sample_from_the_command_line(tmp_path, capsys):
         assert np.isfinite(rows[-1][key]), key
     assert rows[-1]["ptx_loss"] > 0
     assert (tmp_path / "ppo" / "kl.png").exists() and (tmp_path / "ppo" / "reward.png").exists()
+    # A LoRA policy (configs/runs/ppo_lora.gin): adapters trained, the reference its own base.
+    assert main([*ppo[:2], "--gin_file=configs/runs/ppo_lora.gin", f"--gin.MODEL_DIR='{tmp_path / 'ppo_lora'}'", *ppo[3:],
+                 "--gin.TRAIN_STEPS=1"]) == 0  # fmt: skip
+    assert json.load(open(tmp_path / "ppo_lora" / "lora.json"))["rank"] == 8
+    assert np.isfinite(read_metrics(str(tmp_path / "ppo_lora" / "metrics.jsonl"))[-1]["kl"])
 
     capsys.readouterr()
     assert main(["sample", "--policy", policy, "--reward", rm, "--best_of", "3", "--task", "quickstart_max",

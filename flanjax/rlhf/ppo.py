@@ -2,7 +2,8 @@
 
 Four models share the mesh and its rules: the policy (from an SFT run, optionally with LoRA
 adapters) and the value model (from the reward model) are trained; the reference policy (the
-SFT weights) and the reward model are frozen. Each iteration of the one training loop:
+SFT weights; for a LoRA policy, the policy itself with its adapters off, no second copy) and
+the reward model are frozen. Each iteration of the one training loop:
 
     rollout     sample a response to every prompt of the batch with the policy (the decoder)
     scoring     log-probabilities under policy and reference, values, the reward model's
@@ -252,13 +253,20 @@ class Graphs:
 
     state: nnx.GraphDef  # a PPOState
     policy: nnx.GraphDef
-    reference: nnx.GraphDef
+    reference: nnx.GraphDef | None  # None: a LoRA policy's own base (`without_adapters`)
+
+
+def without_adapters(model: nnx.Module) -> nnx.Module:
+    """A LoRA model with its adapters zeroed: exactly its frozen base weights, so PPO's reference
+    policy needs no second copy of the model."""
+    graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
+    return nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, adapters), rest)
 
 
 def make_scoring(graphs: Graphs, config: PPOConfig, kl: KLConfig, stop_tokens: tuple[int, ...], reward_fn: RewardFn):
     def scoring(state, reference, reward_params, batch, generation):
         s = nnx.merge(graphs.state, state)
-        ref = nnx.merge(graphs.reference, reference)
+        ref = without_adapters(s.model) if reference is None else nnx.merge(graphs.reference, reference)
         prompts, prompt_lengths = batch["prompts"], batch["prompt_lengths"]
         lengths, n = generation.lengths, generation.tokens.shape[1]
         tokens = concat_responses(prompts, prompt_lengths, generation.tokens)
@@ -475,8 +483,13 @@ def train_ppo(
     if ptx is not None:
         ptx_batches = SeqioBatches(ptx.mixture_or_task_name, ptx.task_feature_lengths,
                                    partitioner.per_process_batch_size(ptx.batch_size), seed=seed)  # fmt: skip
-    plain_def, reference = restore_weights(policy_dir, policy_step, config, partitioner)
     policy_def = nnx.split(nnx.eval_shape(lambda: new_model(config, lora)))[0]
+    if lora is None:
+        plain_def, reference = restore_weights(policy_dir, policy_step, config, partitioner)
+        pretrained = lambda: (reference, reward.state)  # noqa: E731
+    else:  # the reference is the policy with its adapters off; the SFT weights are read only to start
+        plain_def, reference = None, None
+        pretrained = lambda: (restore_weights(policy_dir, policy_step, config, partitioner)[1], reward.state)  # noqa: E731
 
     def reward_fn(params, tokens, lengths):
         state, shift, scale = params
@@ -496,7 +509,7 @@ def train_ppo(
         checkpoint=checkpoint, batches=RLHFBatches(prompts, ptx_batches),
         init=ppo_init(config, reward.config, make_optimizer(optimizer, updates), make_optimizer(value_optimizer, updates),
                       lora=lora, init_beta=kl.init_beta, ema=ppo.ema_decay is not None, seed=seed),
-        pretrained=lambda: (reference, reward.state), compile_step=compile_step,
+        pretrained=pretrained, compile_step=compile_step,
         learning_rate=make_schedule(optimizer, updates),
         console_keys=("reward/score_mean", "kl", "beta", "entropy", "clip_fraction", "response_length"),
         # The score is the reward model's, shifted and scaled (`reward_fn`); kl is k1 summed over a response.
