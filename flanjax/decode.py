@@ -218,7 +218,7 @@ def score_options(
                           cache=KVCache.empty(model.config, b, p + o), return_hidden=True)  # fmt: skip
     first = model.logits(hidden[:, -1:])  # [b, 1, v]: predicts each option's first token
     copies = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731  row i -> rows i*k .. i*k + k - 1
-    cache = KVCache(tuple(map(copies, cache.k)), tuple(map(copies, cache.v)), copies(cache.segment_ids), cache.index)
+    cache = cache.rows(copies(jnp.arange(b)))
     options, weights = options.reshape(b * k, o), weights.reshape(b * k, o)
     positions = copies(prompt_lengths)[:, None] + jnp.arange(o)[None]
     hidden, _ = model(options[:, :-1], positions[:, :-1], jnp.ones((b * k, o - 1), jnp.int32), cache=cache, return_hidden=True)

@@ -51,6 +51,7 @@ LOGICAL_AXIS_RULES: LogicalRules = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("positions", None),
+    ("layers", None),  # the stacked layers of a scanned model: each device holds all of them
     ("norm", None),
     ("lora_rank", None),  # LoRA adapters: the rank is small, so keep it whole
 )

@@ -218,6 +218,16 @@ def test_export_loads_in_transformers(family, checkpoint, flanjax_model, tmp_pat
     np.testing.assert_allclose(torch_logits(exported), torch_logits(ckpt.torch_model), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_scanned_model_imports_and_exports_like_transformers(family, checkpoint, tmp_path):
+    ckpt = checkpoint(family)
+    model = load_model(ckpt.path, mesh=MESH, scan_layers=True)
+    assert model.config.scan_layers and nnx.state(model)["layers"]["attn"]["q"]["kernel"].ndim == 4
+    assert_real_tokens_close(flanjax_logits(model), torch_logits(ckpt.torch_model), atol=1e-4)
+    exported = load_in_transformers(save_model(model, str(tmp_path / "out"), read_config(ckpt.path)))
+    np.testing.assert_allclose(torch_logits(exported), torch_logits(ckpt.torch_model), atol=1e-5, rtol=0)
+
+
 def test_model_from_scratch_exports_as_llama(tmp_path):
     config = TransformerConfig(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64,
                                max_len=64, norm_eps=1e-5, rope_theta=500.0, init_std=0.2)  # fmt: skip

@@ -27,6 +27,7 @@ from flanjax.models.lora import (
     save_adapters,
     unmerge_lora,
 )
+from flanjax.models import stacking
 from flanjax.models.transformer import Transformer, TransformerConfig
 from flanjax.sharding import LOGICAL_AXIS_RULES, MeshConfig, MeshError, Partitioner
 
@@ -201,6 +202,30 @@ def test_lora_model_is_created_sharded_and_computes_the_same_logits():
     without_rule = tuple(r for r in LOGICAL_AXIS_RULES if r[0] != "lora_rank")
     with pytest.raises(MeshError, match="lora_rank"):
         Partitioner(partitioner.mesh, without_rule).check_parameters(nnx.state(nnx.eval_shape(init)))
+
+
+def test_a_scanned_models_adapters_are_stacked_and_compute_what_unrolled_ones_do(tmp_path):
+    """Every projection kind, one adapter per layer; merging folds each layer's own update."""
+    unrolled = wrapped()
+    scanned = Transformer(dataclasses.replace(TINY, scan_layers=True), rngs=nnx.Rngs(0))
+    apply_lora(scanned, ALL, rngs=nnx.Rngs(1))
+    a = nnx.state(scanned, nnx.LoRAParam)["layers"]["attn"]["q"]["lora_a"]
+    assert a.shape == (2, 32, 4) and a.get_metadata()["out_sharding"] == ("layers", "embed", "lora_rank")
+    assert not np.allclose(a[...][0], a[...][1])  # each layer drew its own A
+    state = nnx.state(scanned)
+    nnx.replace_by_pure_dict(state, stacking.stack(nnx.to_pure_dict(nnx.state(unrolled))))
+    nnx.update(scanned, state)
+    np.testing.assert_allclose(logits(scanned), logits(unrolled), atol=1e-5)
+
+    save_adapters(scanned, str(tmp_path), ALL)  # stacked tensors, read back into a scanned model
+    fresh = Transformer(dataclasses.replace(TINY, scan_layers=True), rngs=nnx.Rngs(0))
+    apply_lora(fresh, ALL, rngs=nnx.Rngs(5))
+    nnx.update(fresh, nnx.state(scanned, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))  # the same base
+    load_adapters(fresh, str(tmp_path))
+    np.testing.assert_allclose(logits(fresh), logits(unrolled), atol=1e-5)
+
+    merge_lora(scanned)
+    np.testing.assert_allclose(logits(scanned), logits(unrolled), atol=1e-5)
 
 
 def test_bad_targets_and_configs_fail_clearly():

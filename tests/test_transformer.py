@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from flanjax.decode import SamplingConfig, generate
+from flanjax.models import stacking, transformer
 from flanjax.models.transformer import KVCache, Transformer, TransformerConfig, attention_mask, rope, rope_frequencies
 
 LLAMA = TransformerConfig(
@@ -152,6 +154,59 @@ def test_greedy_generate_matches_uncached_argmax():
 
 
 # --------------------------------------------------------------------------------------
+# Scanned layers: the same numbers as unrolled ones
+# --------------------------------------------------------------------------------------
+
+
+def scanned_copy(model: Transformer) -> Transformer:
+    """A scanned model holding `model`'s weights, stacked."""
+    scanned = Transformer(dataclasses.replace(model.config, scan_layers=True), rngs=nnx.Rngs(0))
+    state = nnx.state(scanned)
+    nnx.replace_by_pure_dict(state, stacking.stack(nnx.to_pure_dict(nnx.state(model))))
+    nnx.update(scanned, state)
+    return scanned
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neo", "gptj"])  # GPT-Neo: windows on some layers only
+def test_scanned_layers_compute_what_unrolled_layers_do(family):
+    config = dataclasses.replace(FAMILIES[family], num_layers=3, residual_dropout=0.1, residual_dropout_top=0.3, attention_dropout=0.1)
+    model = make_model(config)
+    scanned = scanned_copy(model)
+    assert nnx.state(scanned)["layers"]["attn"]["q"]["kernel"].shape[0] == 3
+    tokens = jnp.asarray(random_tokens((2, 9), seed=40))
+    for rngs in (None, 5):  # dropout: layer i folds the same key by i in both layouts
+        run = lambda m: np.asarray(apply(m, tokens, rngs=None if rngs is None else nnx.Rngs(dropout=rngs))[0])  # noqa: E731
+        np.testing.assert_allclose(run(scanned), run(model), atol=1e-5, rtol=0)
+
+    def loss(m):
+        return jnp.mean(jax.nn.log_softmax(m(tokens, rngs=nnx.Rngs(dropout=1))[0])[..., 0])
+
+    expected = nnx.to_pure_dict(nnx.grad(loss)(model))
+    got = stacking.unstack(nnx.to_pure_dict(nnx.grad(loss)(scanned)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-6), expected, got)
+
+    # Decoding through the stacked KV cache gives the same tokens.
+    prompts, lengths = jnp.asarray(random_tokens((3, 4), seed=41)), jnp.asarray([2, 4, 3], jnp.int32)
+    greedy = lambda m: np.asarray(generate(*nnx.split(m), prompts, lengths, eos_id=97, config=SamplingConfig(max_new_tokens=4)).tokens)  # noqa: E731
+    np.testing.assert_array_equal(greedy(scanned), greedy(model))
+
+
+def test_stacking_round_trips_and_keeps_shardings():
+    from flanjax.sharding import MeshConfig, Partitioner
+
+    partitioner = Partitioner.from_config(MeshConfig(data=2, fsdp=4))
+    unrolled = nnx.to_pure_dict(partitioner.abstract_state(lambda: Transformer(LLAMA, rngs=nnx.Rngs(0)))[1])
+    scanned_config = dataclasses.replace(LLAMA, scan_layers=True)
+    scanned = nnx.to_pure_dict(partitioner.abstract_state(lambda: Transformer(scanned_config, rngs=nnx.Rngs(0)))[1])
+    describe = lambda tree: jax.tree.map(lambda x: (x.shape, x.sharding.spec), tree)  # noqa: E731
+    assert stacking.is_stacked(scanned) and not stacking.is_stacked(unrolled)
+    assert describe(stacking.stack(unrolled)) == describe(scanned)
+    assert describe(stacking.unstack(scanned)) == describe(unrolled)
+    values = nnx.to_pure_dict(nnx.state(make_model(LLAMA)))
+    jax.tree.map(np.testing.assert_array_equal, stacking.unstack(stacking.stack(values)), values)
+
+
+# --------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------
 
@@ -211,12 +266,23 @@ def test_attention_mask_matches_loops():
 
 
 @pytest.mark.parametrize("layers, bottom, top", [(4, 0.0, 0.3), (3, 0.1, 0.1), (3, 0.2, None), (1, 0.1, 0.3)])
-def test_residual_dropout_is_linear_in_depth(layers, bottom, top):
+def test_residual_dropout_is_linear_in_depth(layers, bottom, top, monkeypatch):
     cfg = dataclasses.replace(LLAMA, num_layers=layers, residual_dropout=bottom, residual_dropout_top=top)
     expected = np.linspace(bottom, bottom if top is None else top, layers) if layers > 1 else [bottom]
     np.testing.assert_allclose(cfg.residual_dropout_rates(), expected, atol=1e-12)
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    np.testing.assert_allclose([block.dropout.rate for block in model.layers], expected, atol=1e-12)
+    # Each layer drops its attention and its MLP output at its own rate (called eagerly, in order).
+    seen = []
+    monkeypatch.setattr(transformer, "dropout", lambda x, rate, key: seen.append(float(rate)) or x)
+    Transformer(cfg, rngs=nnx.Rngs(0))(jnp.asarray(random_tokens((1, 4), seed=0)), rngs=nnx.Rngs(dropout=0))
+    np.testing.assert_allclose(seen, np.repeat(expected, 2) if any(expected) else [], atol=1e-6)
+
+
+def test_dropout_drops_at_its_rate_and_keeps_the_mean():
+    x = jnp.ones((200_000,))
+    for rate in (0.1, 0.3):
+        y = np.asarray(transformer.dropout(x, jnp.float32(rate), jax.random.key(0)))
+        assert abs((y == 0).mean() - rate) < 0.005
+        assert abs(y.mean() - 1.0) < 0.01
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from flanjax.errors import FlanjaxError
+from flanjax.models import stacking
 from flanjax.models.transformer import Transformer, TransformerConfig
 from flanjax.sharding import MeshConfig, Partitioner, filled, make_mesh, shardings_of
 
@@ -446,7 +447,10 @@ def _match(path: str, names: list[str], table: list[Tensor], tied: bool) -> list
 def load_state(path: str, config: TransformerConfig, model_type: str, abstract: nnx.State, allow_pickle: bool = False) -> nnx.State:
     """The parameters of the checkpoint in `path`, placed in the shardings `abstract` carries."""
     reader = SafetensorsReader(path, allow_pickle)
-    targets = {"/".join(map(str, p)): (p, v.value) for p, v in nnx.to_flat_state(abstract)}  # name -> (path, shape)
+    wanted = nnx.to_pure_dict(abstract)
+    # Hugging Face names one tensor per layer: read into the unrolled layout, stack on device after.
+    unrolled = nnx.traversals.flatten_mapping(stacking.unstack(wanted))
+    targets = {"/".join(map(str, p)): (p, v) for p, v in unrolled.items()}  # name -> (path, shape)
     pure: dict[tuple, jax.Array] = {}
     matched = _match(path, reader.names(), tensors(config, model_type), config.tie_embeddings)
     # Largest first: the one-tensor transient comes while little of the model is resident.
@@ -468,7 +472,7 @@ def load_state(path: str, config: TransformerConfig, model_type: str, abstract: 
             key, target = targets[param]
             pure[key] = _place(value, target)
         del raw, values
-    return filled(abstract, nnx.traversals.unflatten_mapping(pure))
+    return filled(abstract, stacking.relayout(nnx.traversals.unflatten_mapping(pure), wanted))
 
 
 def load_model(
@@ -477,11 +481,13 @@ def load_model(
     mesh: jax.sharding.Mesh | MeshConfig | Partitioner | None = None,
     dtype: str = "float32",
     allow_pickle: bool = False,
+    scan_layers: bool = False,
 ) -> Transformer:
     """The flanjax `Transformer` of a local Hugging Face checkpoint directory, its parameters
-    sharded over `mesh` (a Mesh, a MeshConfig or a Partitioner; None: the first device)."""
+    sharded over `mesh` (a Mesh, a MeshConfig or a Partitioner; None: the first device), its
+    layers stacked for a scan if `scan_layers`."""
     hf = read_config(path)
-    config = config_from_hf(hf, dtype)
+    config = dataclasses.replace(config_from_hf(hf, dtype), scan_layers=scan_layers)
     partitioner = _partitioner(mesh)
     graphdef, abstract = partitioner.abstract_state(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     return nnx.merge(graphdef, load_state(path, config, hf["model_type"], abstract, allow_pickle))
@@ -508,7 +514,8 @@ def save_model(model: Transformer, directory: str, hf_config: Mapping[str, Any] 
     from safetensors.numpy import save_file
 
     config = config_to_hf(model.config, hf_config)
-    values = {"/".join(map(str, p)): v.value for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    params = stacking.unstack(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # HF: a tensor per layer
+    values = {"/".join(map(str, p)): v for p, v in nnx.traversals.flatten_mapping(params).items()}
     writing = jax.process_index() == 0
     if writing:
         os.makedirs(directory, exist_ok=True)

@@ -98,6 +98,7 @@ class LoRA(nnx.Module):
         self.base = base
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.a_spec, self.b_spec, n_in = _specs(base)
+        self.num_in_dims = n_in
         kernel = base.kernel
         in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
         axes = kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim
@@ -128,11 +129,13 @@ class LoRA(nnx.Module):
         return y + jnp.einsum(self.b_spec, h, b, precision=self.base.precision).astype(y.dtype)
 
     def delta(self) -> jax.Array:
-        """The scaled update alpha / rank * A @ B, in the kernel's shape (float32)."""
+        """The scaled update alpha / rank * A @ B, in the kernel's shape (float32); stacked layers
+        (a leading axis on the kernel and both factors) each get their own."""
         a = self.lora_a[...].astype(jnp.float32)
         b = self.lora_b[...].astype(jnp.float32)
-        kernel_shape = self.base.kernel.shape
-        return (self.scale * a.reshape(-1, self.rank) @ b.reshape(self.rank, -1)).reshape(kernel_shape)
+        lead = a.shape[: a.ndim - self.num_in_dims - 1]
+        update = a.reshape(*lead, -1, self.rank) @ b.reshape(*lead, self.rank, -1)
+        return (self.scale * update).reshape(self.base.kernel.shape)
 
     def merge(self) -> None:
         """Folds the update into the base kernel; forward then skips the adapter."""
@@ -174,8 +177,27 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> list
             f"(re.search) in module paths such as: {', '.join(sorted(names))}."
         )
     for parts, module in chosen:
-        _replace(model, parts, LoRA(module, config.rank, config.alpha, config.dropout, rngs=rngs))
+        _replace(model, parts, _wrap(module, config, _stacked_layers(parts, module), rngs))
     return [_path(p) for p, _ in chosen]
+
+
+def _stacked_layers(parts: tuple, module: nnx.Linear | nnx.Einsum) -> int | None:
+    """How many layers a projection of a scanned model's stacked layers holds ("layers/attn/q",
+    where an unrolled model has "layers/0/attn/q"); None for any other projection."""
+    if len(parts) > 1 and parts[0] == "layers" and not isinstance(parts[1], int):
+        return module.kernel.shape[0]
+    return None
+
+
+def _wrap(module: nnx.Linear | nnx.Einsum, config: LoraConfig, layers: int | None, rngs: nnx.Rngs) -> LoRA:
+    def wrap(module, rngs):
+        return LoRA(module, config.rank, config.alpha, config.dropout, rngs=rngs)
+
+    if layers is None:
+        return wrap(module, rngs)
+    # Stacked layers: one adapter per layer, stacked along the same "layers" axis.
+    stacked = nnx.vmap(wrap, in_axes=(0, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    return nnx.split_rngs(splits=layers)(stacked)(module, rngs)
 
 
 def remove_lora(model: nnx.Module) -> list[str]:

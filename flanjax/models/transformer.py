@@ -84,6 +84,10 @@ class TransformerConfig:
     # "none" every activation; "save_dots" the matmul outputs, the rest recomputed; "full"
     # only the layer's input, the whole layer recomputed (least memory, ~1/3 more compute).
     remat: Literal["none", "save_dots", "full"] = "none"
+    # Layers stacked along a leading "layers" axis and run by one `lax.scan`: compile time stays
+    # flat in depth. Checkpoints then hold the stacked arrays; `flanjax.models.stacking` converts
+    # between the layouts wherever weights are read (checkpoints, Hugging Face import/export).
+    scan_layers: bool = False
 
     # Numerics: parameters stay float32; `dtype` is the compute dtype (e.g. "bfloat16").
     dtype: str = "float32"
@@ -125,6 +129,13 @@ class TransformerConfig:
             return self.sliding_window
         return None
 
+    def windows(self) -> jax.Array | None:
+        """Every layer's window as an array (full attention: a window longer than any sequence),
+        or None when no layer has one."""
+        if self.sliding_window is None:
+            return None
+        return jnp.asarray([self.window(i) or np.iinfo(np.int32).max for i in range(self.num_layers)], jnp.int32)
+
     def residual_dropout_rates(self) -> tuple[float, ...]:
         """One rate per layer, linear from bottom to top."""
         top = self.residual_dropout if self.residual_dropout_top is None else self.residual_dropout_top
@@ -153,24 +164,30 @@ class KVCache(NamedTuple):
     left-padded: padding slots keep segment id 0 and are never attended to, while each
     token's own position (for RoPE) comes in separately.
 
-    k, v: one [b, k, s, h] array per layer (the layout the attention dots read without a
-    transpose); segment_ids: [b, s], 0 where nothing (or padding) was written; index: the
+    k, v: [l, b, k, s, h], all layers in one array (a scan over layers carries it and updates
+    its layer in place; each layer's [b, k, s, h] is the layout the attention dots read without
+    a transpose); segment_ids: [b, s], 0 where nothing (or padding) was written; index: the
     next free slot.
     """
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: jax.Array
+    v: jax.Array
     segment_ids: jax.Array
     index: jax.Array
 
     @classmethod
     def empty(cls, config: TransformerConfig, batch: int, length: int | None = None) -> KVCache:
         length = length or config.max_len
-        shape = (batch, config.kv_heads, length, config.head_size)
-        axes = ("activation_batch", "activation_kv_heads", "activation_length", "activation_head_dim")
-        layers = lambda: tuple(constrain(jnp.zeros(shape, jnp.dtype(config.dtype)), axes) for _ in range(config.num_layers))  # noqa: E731
+        shape = (config.num_layers, batch, config.kv_heads, length, config.head_size)
+        axes = ("activation_layers", "activation_batch", "activation_kv_heads", "activation_length", "activation_head_dim")
+        layers = lambda: constrain(jnp.zeros(shape, jnp.dtype(config.dtype)), axes)  # noqa: E731
         segments = constrain(jnp.zeros((batch, length), jnp.int32), ("activation_batch", "activation_length"))
         return cls(layers(), layers(), segments, jnp.zeros((), jnp.int32))
+
+    def rows(self, index: jax.Array) -> KVCache:
+        """The cache of rows `index` (e.g. each prompt repeated once per option)."""
+        take = lambda x, axis: jnp.take(x, index, axis=axis)  # noqa: E731
+        return KVCache(take(self.k, 1), take(self.v, 1), take(self.segment_ids, 0), self.index)
 
 
 # Parameters record their logical axes but are not sharded eagerly: models can be built
@@ -277,7 +294,8 @@ class Attention(nnx.Module):
         positions: jax.Array,  # [b, t]
         segment_ids: jax.Array,  # [b, t]
         cache: KVCache | None,  # segment ids already updated for these tokens
-        layer: int,
+        layer: jax.Array | int,
+        window: jax.Array | None,  # this layer's sliding window; None: full attention
         rngs: nnx.Rngs | None,
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
@@ -288,7 +306,6 @@ class Attention(nnx.Module):
             inv_freq = rope_frequencies(cfg)
             q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
         scale = cfg.head_size**-0.5 if cfg.attention_scale is None else cfg.attention_scale
-        window = cfg.window(layer)
 
         if cache is None:
             mask = attention_mask(segment_ids, positions, segment_ids, positions, window)  # [b, t, s]
@@ -314,13 +331,14 @@ def project(module: nnx.Module, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Arra
     return module(x, rngs=rngs) if isinstance(module, LoRA) else module(x)
 
 
-def _write_cache(cache: KVCache, layer: int, k: jax.Array, v: jax.Array):
-    """Writes this layer's new keys/values [b, t, k, h] at the cache's next slots."""
+def _write_cache(cache: KVCache, layer: jax.Array | int, k: jax.Array, v: jax.Array):
+    """Writes this layer's new keys/values [b, t, k, h] at the cache's next slots; returns the
+    cache and the layer's keys and values [b, k, s, h]."""
 
     def write(arrays, new):
-        new = jnp.swapaxes(new, 1, 2).astype(arrays[layer].dtype)  # [b, k, t, h]
-        full = jax.lax.dynamic_update_slice(arrays[layer], new, (0, 0, cache.index, 0))
-        return arrays[:layer] + (full,) + arrays[layer + 1 :], full
+        new = jnp.swapaxes(new, 1, 2).astype(arrays.dtype)[None]  # [1, b, k, t, h]
+        arrays = jax.lax.dynamic_update_slice(arrays, new, (layer, 0, 0, cache.index, 0))
+        return arrays, jax.lax.dynamic_index_in_dim(arrays, layer, keepdims=False)
 
     ks, k = write(cache.k, k)
     vs, v = write(cache.v, v)
@@ -376,25 +394,33 @@ class MLP(nnx.Module):
 
 class Block(nnx.Module):
     """Pre-norm residual block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x))); or, with
-    `parallel_residual`, x + drop(attn(norm(x))) + drop(mlp(norm(x)))."""
+    `parallel_residual`, x + drop(attn(norm(x))) + drop(mlp(norm(x))).
 
-    def __init__(self, config: TransformerConfig, residual_dropout: float, *, rngs: nnx.Rngs):
+    The residual dropout rate and the attention window come with each call (arrays over layers
+    are scanned like the weights), so one Block serves every depth."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.attn_norm = _norm(config, rngs)
         self.attn = Attention(config, rngs=rngs)
         self.mlp_norm = None if config.parallel_residual else _norm(config, rngs)
         self.mlp = MLP(config, rngs=rngs)
-        self.dropout = nnx.Dropout(residual_dropout)
 
-    def __call__(self, x, positions, segment_ids, cache, layer, rngs):
-        drop = lambda h: self.dropout(h, deterministic=rngs is None, rngs=rngs)  # noqa: E731
+    def __call__(self, x, positions, segment_ids, cache, layer, rngs, residual_dropout=None, window=None):
+        drop = lambda h: h if residual_dropout is None else dropout(h, residual_dropout, rngs.dropout())  # noqa: E731
         normed = self.attn_norm(x)
-        h, cache = self.attn(normed, positions, segment_ids, cache, layer, rngs)
+        h, cache = self.attn(normed, positions, segment_ids, cache, layer, window, rngs)
         if self.mlp_norm is None:  # parallel: both read the same normed input
             x = x + drop(h) + drop(self.mlp(normed, rngs))
         else:
             x = x + drop(h)
             x = x + drop(self.mlp(self.mlp_norm(x), rngs))
         return constrain(x, ("activation_batch", "activation_length", "activation_embed")), cache
+
+
+def dropout(x: jax.Array, rate: jax.Array | float, key: jax.Array) -> jax.Array:
+    """Inverted dropout at a rate that may be traced (a scanned layer's own)."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 class Transformer(nnx.Module):
@@ -422,9 +448,7 @@ class Transformer(nnx.Module):
             else None
         )
         self.embed_dropout = nnx.Dropout(config.embed_dropout)
-        self.layers = nnx.List(
-            [Block(config, rate, rngs=rngs) for rate in config.residual_dropout_rates()]
-        )
+        self.layers = _stacked_blocks(config, rngs) if config.scan_layers else nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
         self.final_norm = _norm(config, rngs)
         self.lm_head = (
             None
@@ -472,12 +496,7 @@ class Transformer(nnx.Module):
         if cache is not None:
             segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
             cache = cache._replace(segment_ids=segments)
-        policy = REMAT_POLICIES[self.config.remat]
-        for i, layer in enumerate(self.layers):
-            if policy is None or cache is not None:  # decoding is never differentiated
-                x, cache = layer(x, positions, segment_ids, cache, i, rngs)
-            else:
-                x = _remat_layer(layer, x, positions, segment_ids, i, rngs, policy)
+        x, cache = self._run_layers(x, positions, segment_ids, cache, rngs)
         if cache is not None:
             cache = cache._replace(index=cache.index + t)
         x = self.final_norm(x)
@@ -491,13 +510,48 @@ class Transformer(nnx.Module):
         return logits
 
 
-def _remat_layer(layer: Block, x, positions, segment_ids, index: int, rngs, policy) -> jax.Array:
-    """`layer` without a cache, its activations saved for the backward pass by `policy` only."""
+    def _run_layers(self, x, positions, segment_ids, cache, rngs):
+        """Every layer, unrolled or as one scan over the stacked weights (the same numbers).
 
-    def run(layer, x, positions, segment_ids, rngs):
-        return layer(x, positions, segment_ids, None, index, rngs)[0]
+        Layer i's dropout randomness is folded from one key by i, so both layouts draw alike;
+        its residual dropout rate and window are picked from per-layer arrays."""
+        cfg = self.config
+        key = None if rngs is None else rngs.dropout()
+        rates = None if key is None or not any(cfg.residual_dropout_rates()) else jnp.asarray(cfg.residual_dropout_rates())
+        windows = cfg.windows()
 
-    return nnx.remat(run, policy=policy)(layer, x, positions, segment_ids, rngs)
+        def layer_fn(graphdef, state, x, cache, i, rate, window):
+            layer_rngs = None if key is None else nnx.Rngs(dropout=jax.random.fold_in(key, i))
+            return nnx.merge(graphdef, state)(x, positions, segment_ids, cache, i, layer_rngs, rate, window)
+
+        policy = REMAT_POLICIES[cfg.remat]
+        if policy is not None and cache is None:  # decoding is never differentiated
+            layer_fn = jax.checkpoint(layer_fn, policy=policy, static_argnums=(0,))
+        pick = lambda a, i: None if a is None else a[i]  # noqa: E731
+        if not cfg.scan_layers:
+            for i, layer in enumerate(self.layers):
+                x, cache = layer_fn(*nnx.split(layer), x, cache, i, pick(rates, i), pick(windows, i))
+            return x, cache
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(carry, xs):
+            state, i, rate, window = xs
+            return layer_fn(graphdef, state, *carry, i, rate, window), None
+
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, jnp.arange(cfg.num_layers), rates, windows))
+        return x, cache
+
+
+def _stacked_blocks(config: TransformerConfig, rngs: nnx.Rngs) -> Block:
+    """One Block whose every parameter has a leading axis of `num_layers` layers, named by the
+    "layers" logical axis (each layer initialised from its own key)."""
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def blocks(rngs):
+        return Block(config, rngs=rngs)
+
+    return blocks(rngs)
 
 
 def new_model(config: TransformerConfig, lora: LoraConfig | None = None, seed: int = 0, base: nnx.State | None = None) -> Transformer:

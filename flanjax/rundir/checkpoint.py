@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from flanjax.errors import FlanjaxError
+from flanjax.models import stacking
 from flanjax.sharding import filled
 
 
@@ -108,6 +110,14 @@ class Checkpointer:
                 "evaluate or convert it."
             )
         target = _pure(abstract_state)
+        saved_stacked = self._saved_stacked(step)
+        if stacking.is_stacked(target) not in (None, saved_stacked):
+            raise CheckpointMismatchError(
+                f"checkpoint {os.path.join(self.directory, str(step))} holds its layers "
+                f"{'stacked' if saved_stacked else 'unrolled'} but this run's model has scan_layers="
+                f"{not saved_stacked}: resume with --gin.TransformerConfig.scan_layers={saved_stacked}, or "
+                "start a new model_dir from it with init_checkpoint (weights convert between the layouts)."
+            )
         self.check_compatible(step, target)
         restored = self.manager.restore(
             step,
@@ -125,7 +135,9 @@ class Checkpointer:
         """Only the model's state (the saved state's `model`), straight into `abstract_model`'s
         shardings: for evaluation, no optimizer state read. Reads format versions 1 and 2."""
         key = "model" if self.format_version(step) == FORMAT_VERSION else 0
-        target = {key: _pure(abstract_model)}
+        wanted = _pure(abstract_model)
+        # A scanned model reads an unrolled run's layers and the other way round (`stacking`).
+        target = {key: stacking.in_layout(wanted, self._saved_stacked(step))}
         self.check_compatible(step, target)
         restored = ocp.PyTreeCheckpointer().restore(
             os.path.join(self.directory, str(step), "state"),
@@ -135,12 +147,19 @@ class Checkpointer:
                 partial_restore=True,
             ),
         )
-        return filled(abstract_model, restored[key])
+        return filled(abstract_model, stacking.relayout(restored[key], wanted))
+
+    def _saved(self, step: int) -> dict[str, Any]:
+        return _flat(self.manager.item_metadata(step)["state"])
+
+    def _saved_stacked(self, step: int) -> bool:
+        """Whether the checkpoint's layers are stacked (a scanned model wrote it)."""
+        return not any(re.search(r"(^|/)layers/\d+/", name) for name in self._saved(step))
 
     def check_compatible(self, step: int, target: Any) -> None:
         """Names the first parameter whose shape (or presence) differs from the model's, within
         the parts of the saved state that `target` covers."""
-        saved = _flat(self.manager.item_metadata(step)["state"])
+        saved = self._saved(step)
         wanted = _flat(target)
         where = os.path.join(self.directory, str(step))
         for name, leaf in wanted.items():
