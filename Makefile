@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Quiet TensorFlow's start-up chatter; seqio uses TF only for the input pipeline.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: quickstart quickstart-rlhf test bench clean
+.PHONY: quickstart quickstart-rlhf test bench bench-accelerator clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ quickstart-rlhf: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# On a GPU or TPU host: JAX's plugin for the chip, then llama_1b's bfloat16 step, decoding and PPO.
+bench-accelerator: $(STAMP)
+	if command -v nvidia-smi >/dev/null; then $(PY) -m pip install --quiet -e ".[cuda]"; \
+	elif ls /dev/accel* /dev/vfio/[0-9]* >/dev/null 2>&1; then $(PY) -m pip install --quiet -e ".[tpu]"; fi
+	$(PY) benchmarks/accelerator.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/vs_torch.py train

@@ -409,3 +409,16 @@ def test_tasks_preview_of_an_eval_task_marks_the_correct_option(capsys, monkeypa
         assert [o[2:] for o in options] == ["Yes", "It's impossible to say", "No"], example
         assert [o[2:] for o in options if o.startswith("* ")] == [target], example
         assert all(o.startswith(("* ", "  ")) for o in options)
+
+
+def test_accelerator_benchmark_falls_back_on_cpu(tmp_path):
+    """XLA attention, MFU against the measured matmul peak; the last line is one JSON object."""
+    out = subprocess.run(
+        [sys.executable, "benchmarks/accelerator.py", "--model=tiny", "--batch_size=4", "--seq_len=32", "--steps=2",
+         "--prompt_len=8", "--new_tokens=4", "--decode_batch=4", "--skip=ppo"],
+        capture_output=True, text=True, check=True, env={**os.environ, "XLA_FLAGS": ""},
+    )  # fmt: skip
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (result["backend"], result["attention"], result["devices"]) == ("cpu", "xla", 1)
+    assert 0 < result["mfu"] == result["train"]["mfu"] and result["train"]["dtype"] == "bfloat16"
+    assert result["decode"]["new_tokens_per_s"] > 0 and "ppo" not in result

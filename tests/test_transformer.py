@@ -343,7 +343,8 @@ def test_num_params_counts_every_parameter(config):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(num_heads=4, num_kv_heads=3), "multiple of num_kv_heads"), (dict(d_model=30, num_heads=4), "head_dim")],
+    [(dict(num_heads=4, num_kv_heads=3), "multiple of num_kv_heads"), (dict(d_model=30, num_heads=4), "head_dim"),
+     (dict(attention="flash"), "attention='flash' is not one of xla, cudnn")],
 )
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -88,6 +88,9 @@ class TransformerConfig:
     # flat in depth. Checkpoints then hold the stacked arrays; `flanjax.models.stacking` converts
     # between the layouts wherever weights are read (checkpoints, Hugging Face import/export).
     scan_layers: bool = False
+    # The attention kernel of training and scoring passes (not of KV-cache decoding): "xla"
+    # (any backend) or "cudnn" (cuDNN's fused flash attention; NVIDIA GPUs, bfloat16/float16).
+    attention: Literal["xla", "cudnn"] = "xla"
 
     # Numerics: parameters stay float32; `dtype` is the compute dtype (e.g. "bfloat16").
     dtype: str = "float32"
@@ -100,6 +103,8 @@ class TransformerConfig:
             object.__setattr__(self, "rope_scaling", tuple(sorted(dict(self.rope_scaling).items())))
         if self.sliding_window_layers is not None:
             object.__setattr__(self, "sliding_window_layers", tuple(self.sliding_window_layers))
+        if self.attention not in ("xla", "cudnn"):
+            raise ValueError(f"attention={self.attention!r} is not one of xla, cudnn.")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r} is not one of {', '.join(REMAT_POLICIES)}.")
         rope_type = dict(self.rope_scaling or {}).get("rope_type", "default")
@@ -313,7 +318,9 @@ class Attention(nnx.Module):
                 dropout = lambda p: self.dropout(p, rngs=rngs)  # noqa: E731
                 out = _attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, scale, dropout)
             else:
-                out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)  # [b, t, n, h]
+                # The mask already holds causality; saying so lets cuDNN skip the upper triangle.
+                out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation=cfg.attention,
+                                                   is_causal=cfg.attention == "cudnn")  # fmt: skip  [b, t, n, h]
         else:
             cache, k, v = _write_cache(cache, layer, k, v)
             # Causality by slot: slots are filled in order, whatever each row's positions.
