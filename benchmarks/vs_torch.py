@@ -5,7 +5,8 @@
 
 Runs `flanjax bench WHAT` and the matching PyTorch script (hf_torch_train.py /
 hf_torch_decode.py) one after the other, each in its own process, and prints one JSON
-object: both results and flanjax's speed-up.
+object: both results and flanjax's speed-up. Decoding runs flanjax once per `--quantize`
+mode (float32, int8 weights, int8 weights and activations).
 """
 
 import argparse
@@ -30,16 +31,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="train")
     parser.add_argument("--prompt_len", type=int, default=128, help="decode")
     parser.add_argument("--new_tokens", type=int, default=128, help="decode")
+    parser.add_argument("--quantize", default="none,int8,int8_dynamic", help="decode: flanjax's modes to run")
     args = parser.parse_args()
+    flanjax_bench = [sys.executable, "-m", "flanjax.cli", "bench", args.what, "--model=bench_27m"]
     if args.what == "train":
         shape = [f"--batch_size={args.batch_size}", f"--seq_len={args.seq_len}", f"--steps={args.steps}"]
-        key = "tokens_per_s"
-    else:
-        shape = [f"--batch_size={args.batch_size}", f"--prompt_len={args.prompt_len}", f"--new_tokens={args.new_tokens}"]
-        key = "new_tokens_per_s"
-    flanjax = run_json([sys.executable, "-m", "flanjax.cli", "bench", args.what, "--model=bench_27m", *shape])
-    torch = run_json([sys.executable, os.path.join(HERE, f"hf_torch_{args.what}.py"), *shape])
-    print(json.dumps({"flanjax": flanjax, "torch": torch, "speedup_vs_torch": flanjax[key] / torch[key]}))
+        flanjax = run_json(flanjax_bench + shape)
+        torch = run_json([sys.executable, os.path.join(HERE, "hf_torch_train.py"), *shape])
+        print(json.dumps({"flanjax": flanjax, "torch": torch, "speedup_vs_torch": flanjax["tokens_per_s"] / torch["tokens_per_s"]}))
+        return
+    shape = [f"--batch_size={args.batch_size}", f"--prompt_len={args.prompt_len}", f"--new_tokens={args.new_tokens}"]
+    flanjax = {mode: run_json(flanjax_bench + shape + [f"--quantize={mode}"]) for mode in args.quantize.split(",")}
+    torch = run_json([sys.executable, os.path.join(HERE, "hf_torch_decode.py"), *shape])
+    speedup = {mode: r["new_tokens_per_s"] / torch["new_tokens_per_s"] for mode, r in flanjax.items()}
+    print(json.dumps({"flanjax": flanjax, "torch": torch, "speedup_vs_torch": speedup}))
 
 
 if __name__ == "__main__":

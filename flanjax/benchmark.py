@@ -120,9 +120,11 @@ def bench_decode(
     new_tokens: int = 128,
     repeats: int = 3,
     warmup: int = 1,
+    quantize: str = "none",
     mesh: MeshConfig = MeshConfig(),
 ) -> dict:
-    """Times greedy generation of exactly `new_tokens` tokens (no EOS) after random prompts."""
+    """Times greedy generation of exactly `new_tokens` tokens (no EOS) after random prompts,
+    optionally with int8 weights (`quantize`)."""
     partitioner = Partitioner.from_config(mesh)
     rng = np.random.default_rng(0)
     prompts = rng.integers(1, config.vocab_size, (batch_size, prompt_len), dtype=np.int32)
@@ -131,12 +133,14 @@ def bench_decode(
         batch = partitioner.shard_batch({"prompts": prompts, "lengths": np.full(batch_size, prompt_len, np.int32)})
 
         def run(n: int):
-            return generate(graphdef, state, batch["prompts"], batch["lengths"], eos_id=-1, config=SamplingConfig(max_new_tokens=n))
+            return generate(graphdef, state, batch["prompts"], batch["lengths"], eos_id=-1,
+                            config=SamplingConfig(max_new_tokens=n, quantize=quantize))  # fmt: skip
 
         seconds = _median_seconds(lambda: run(new_tokens), repeats, warmup)
         prefill = _median_seconds(lambda: run(1), repeats, warmup)  # the prompt pass and one token
     return {
         **_describe(config, model_name, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens),
+        "quantize": quantize,
         "seconds": seconds,
         "new_tokens_per_s": batch_size * new_tokens / seconds,
         "prefill_s": prefill,

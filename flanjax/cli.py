@@ -187,7 +187,8 @@ def cmd_bench(args: argparse.Namespace, bindings: list[str]) -> int:
     if args.what == "train":
         result = benchmark.bench_train(config, **shape, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup)
     elif args.what == "decode":
-        result = benchmark.bench_decode(config, **shape, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+        result = benchmark.bench_decode(config, **shape, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                        quantize=args.quantize)  # fmt: skip
     elif args.what == "ppo":
         from flanjax.models.lora import LoraConfig
 
@@ -230,7 +231,8 @@ def _mesh(spec: str | None):
 def _sampling(args: argparse.Namespace):
     from flanjax.decode import SamplingConfig
 
-    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          quantize=args.quantize)  # fmt: skip
 
 
 def _import_modules(modules: list[str]) -> None:
@@ -444,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num_options", type=int, default=4, help="rank: options per prompt")
     bench.add_argument("--lora_rank", type=int, default=0, help="ppo: a LoRA policy of this rank (0: full fine-tuning)")
     bench.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
+    bench.add_argument("--quantize", default="none", choices=["none", "int8", "int8_dynamic"], help="decode: int8 weights (and activations)")
     bench.set_defaults(run=cmd_bench)
 
     convert = commands.add_parser(
@@ -497,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--max_new_tokens", type=int, default=64)
         command.add_argument("--temperature", type=float, default=1.0)
         command.add_argument("--top_p", type=float, default=1.0)
+        command.add_argument("--quantize", default="none", choices=["none", "int8", "int8_dynamic"],
+                             help="sample with int8 weights (int8), or int8 weights and activations (int8_dynamic)")
         command.add_argument("--seed", type=int, default=0)
         command.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=2,fsdp=4 (default: data parallel)")
         command.add_argument("--module", action="append", default=list(TASK_MODULES), help="task module to import (repeatable)")

@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from flanjax.errors import FlanjaxError
+from flanjax.models.quantize import MODES, Mode, quantize
 from flanjax.models.transformer import KVCache, TransformerConfig
 
 
@@ -81,9 +82,13 @@ class SamplingConfig:
     top_k: int = 0  # sample among the k most likely tokens; 0: no limit
     top_p: float = 1.0  # ... and among the fewest most likely tokens whose mass reaches p
     stop_tokens: tuple[int, ...] = ()  # besides EOS, e.g. an end-of-turn token
+    # int8 weights ("int8"), or weights and activations ("int8_dynamic"): `models.quantize`.
+    quantize: Mode = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))  # gin gives lists
+        if self.quantize not in MODES:
+            raise ValueError(f"quantize={self.quantize!r} is not one of {', '.join(MODES)}.")
         if self.max_new_tokens < 1 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"invalid {self}: need max_new_tokens >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1.")
 
@@ -147,7 +152,7 @@ def generate(
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "eos_id"))
 def _generate(graphdef, state, prompts, prompt_lengths, rng, *, config: SamplingConfig, eos_id: int) -> Generation:
-    model = nnx.merge(graphdef, state)
+    model = quantize(nnx.merge(graphdef, state), config.quantize)  # once, before the loop
     b, p = prompts.shape
     # Left-align the prompts so that every row writes the same cache slot at each step:
     # row r's prompt moves to the last prompt_lengths[r] slots; padding gets segment 0.

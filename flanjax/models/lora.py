@@ -64,13 +64,20 @@ class LoraConfig:
                 raise LoraError(f"LoRA target {pattern!r} is not a valid regex: {e}.") from None
 
 
+def projection_letters(base: nnx.Linear | nnx.Einsum) -> tuple[str, str, str]:
+    """The einsum letters (input, kernel, output) of a projection: "...i", "io", "...o" for a
+    Linear; "btd", "dnh", "btnh" for an Einsum "btd,dnh->btnh". The kernel lists its input
+    dims (contracted with the input's last dims) first."""
+    if isinstance(base, nnx.Linear):
+        return "...i", "io", "...o"
+    lhs, y = base.einsum_str.replace(" ", "").split("->")
+    x, kernel = lhs.split(",")
+    return x, kernel, y
+
+
 def _specs(base: nnx.Linear | nnx.Einsum) -> tuple[str, str, int]:
     """(x-to-rank einsum, rank-to-output einsum, number of kernel in-dims) for `base`."""
-    if isinstance(base, nnx.Linear):
-        x, kernel, y = "...i", "io", "...o"
-    else:
-        lhs, y = base.einsum_str.replace(" ", "").split("->")
-        x, kernel = lhs.split(",")
+    x, kernel, y = projection_letters(base)
     in_letters = "".join(c for c in kernel if c in x)
     if not kernel.startswith(in_letters):
         raise LoraError(f"kernel {kernel!r} of {base.einsum_str!r} does not list its input dims first.")
@@ -177,7 +184,7 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> list
             f"(re.search) in module paths such as: {', '.join(sorted(names))}."
         )
     for parts, module in chosen:
-        _replace(model, parts, _wrap(module, config, _stacked_layers(parts, module), rngs))
+        replace_module(model, parts, _wrap(module, config, _stacked_layers(parts, module), rngs))
     return [_path(p) for p, _ in chosen]
 
 
@@ -207,11 +214,12 @@ def remove_lora(model: nnx.Module) -> list[str]:
     for parts, module in modules:
         if not module.merged:
             module.merge()
-        _replace(model, parts, module.base)
+        replace_module(model, parts, module.base)
     return [_path(p) for p, _ in modules]
 
 
-def _replace(model: nnx.Module, parts: tuple, new: nnx.Module) -> None:
+def replace_module(model: nnx.Module, parts: tuple, new: nnx.Module) -> None:
+    """Puts `new` in place of the submodule at path `parts` of `model`."""
     parent = model
     for part in parts[:-1]:
         parent = parent[part] if isinstance(part, int) else getattr(parent, part)
