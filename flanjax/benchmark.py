@@ -262,16 +262,18 @@ def bench_ppo(
     new_tokens: int = 64,
     iterations: int = 2,
     lora: LoraConfig | None = None,
+    value_on_policy_trunk: bool = False,
     mesh: MeshConfig = MeshConfig(),
 ) -> dict:
     """Times PPO iterations (after one that compiles) with policy, reference, value and reward
     models all of `config`'s size, sampling exactly `new_tokens` per prompt, split into rollout,
     scoring and training; then greedy decoding of the same shape, for the rollout's overhead.
-    With `lora`, the policy trains adapters and the reference is itself with them off.
+    With `lora`, the policy trains adapters and the reference is itself with them off; with
+    `value_on_policy_trunk`, the value function is a head on the policy (three models).
     `held_mib`: the arrays PPO keeps on the devices (states, reference, reward model)."""
     partitioner = Partitioner.from_config(mesh)
     tx = optax.adamw(1e-6)
-    init = ppo_init(config, config, tx, tx, lora=lora)
+    init = ppo_init(config, None if value_on_policy_trunk else config, tx, tx, lora=lora)
     state_def, abstract = partitioner.abstract_state(init)
     rng = np.random.default_rng(0)
     prompts = rng.integers(1, config.vocab_size, (batch_size, prompt_len), dtype=np.int32)
@@ -286,7 +288,7 @@ def bench_ppo(
             Graphs(state_def, policy_def, plain_def), abstract, partitioner, reference=reference,
             reward_fn=lambda params, tokens, lengths: sequence_scores(nnx.merge(reward_def, params), tokens, lengths),
             reward_params=reward, sampling=SamplingConfig(max_new_tokens=new_tokens, temperature=1.0),
-            eos_id=-1, config=PPOConfig(), kl=KLConfig(),
+            eos_id=-1, config=PPOConfig(value_on_policy_trunk=value_on_policy_trunk), kl=KLConfig(),
         )  # fmt: skip
         batch = partitioner.shard_batch({"prompts": prompts, "prompt_lengths": np.full(batch_size, prompt_len, np.int32)})
         runs = []
@@ -299,8 +301,9 @@ def bench_ppo(
     rollout_tokens_per_s = batch_size * new_tokens / split["time/rollout_s"]
     return {
         **_describe(config, model_name, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens),
-        "models": 4,
+        "models": 3 if value_on_policy_trunk else 4,
         "lora_rank": lora and lora.rank,
+        "value_on_policy_trunk": value_on_policy_trunk,
         "held_mib": held,
         "iteration_s": split["iteration_s"],
         "rollout_s": split["time/rollout_s"],

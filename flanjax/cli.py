@@ -193,7 +193,8 @@ def cmd_bench(args: argparse.Namespace, bindings: list[str]) -> int:
         from flanjax.models.lora import LoraConfig
 
         lora = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank) if args.lora_rank else None
-        result = benchmark.bench_ppo(config, **shape, prompt_len=args.prompt_len, new_tokens=args.new_tokens, lora=lora)
+        result = benchmark.bench_ppo(config, **shape, prompt_len=args.prompt_len, new_tokens=args.new_tokens, lora=lora,
+                                     value_on_policy_trunk=args.value_on_policy_trunk)  # fmt: skip
     else:
         result = benchmark.bench_rank(config, **shape, prompt_len=args.prompt_len, option_len=args.option_len,
                                       num_options=args.num_options)  # fmt: skip
@@ -445,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--option_len", type=int, default=8, help="rank: tokens per scored option")
     bench.add_argument("--num_options", type=int, default=4, help="rank: options per prompt")
     bench.add_argument("--lora_rank", type=int, default=0, help="ppo: a LoRA policy of this rank (0: full fine-tuning)")
+    bench.add_argument("--value_on_policy_trunk", action="store_true", help="ppo: the value function is a head on the policy")
     bench.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
     bench.add_argument("--quantize", default="none", choices=["none", "int8", "int8_dynamic"], help="decode: int8 weights (and activations)")
     bench.set_defaults(run=cmd_bench)

@@ -14,10 +14,10 @@ from flax import nnx
 
 from flanjax.data.preferences import PreferenceDataError, comparison, parse
 from flanjax.decode import SamplingConfig
-from flanjax.models.heads import ScoreModel
+from flanjax.models.heads import ScoreModel, ValueHead
 from flanjax.models.transformer import Transformer, TransformerConfig, new_model
 from flanjax.rlhf.kl import KLConfig
-from flanjax.rlhf.ppo import Graphs, PPOConfig, PPOStep, concat_responses, ppo_init
+from flanjax.rlhf.ppo import Graphs, PPOConfig, PPOStep, concat_responses, ppo_init, response_logprobs, response_values
 from flanjax.rlhf.reward import RewardModelError, pairwise_loss, sequence_scores
 from flanjax.sharding import MeshConfig, Partitioner, make_mesh
 
@@ -139,7 +139,8 @@ def bandit_reward(table, tokens, lengths):
 
 
 def ppo_setup(partitioner, *, config=PPOConfig(), kl=KLConfig(init_beta=0.0), tx=optax.adam(3e-3), seed=0, lora=None):
-    init = ppo_init(TINY, TINY, tx, tx, init_beta=kl.init_beta, seed=seed, lora=lora, ema=config.ema_decay is not None)
+    value = None if config.value_on_policy_trunk else TINY
+    init = ppo_init(TINY, value, tx, tx, init_beta=kl.init_beta, seed=seed, lora=lora, ema=config.ema_decay is not None)
     state_def, abstract = partitioner.abstract_state(init)
     plain_def, plain = partitioner.abstract_state(lambda: Transformer(TINY, rngs=nnx.Rngs(seed)))
     reference = partitioner.create(lambda: Transformer(TINY, rngs=nnx.Rngs(seed)), plain)
@@ -160,11 +161,13 @@ def bandit_batch(partitioner, b=32):
     return partitioner.shard_batch({"prompts": prompts, "prompt_lengths": np.full(b, 2, np.int32)})
 
 
-def test_ppo_solves_a_bandit():
+@pytest.mark.parametrize("value_on_policy_trunk", [False, True], ids=["value_model", "value_head_on_policy"])
+def test_ppo_solves_a_bandit(value_on_policy_trunk):
     """One-token responses, reward 1 for token 11 (0.5 for token 3, 0 otherwise): the policy
     must come to put most of its mass on token 11, from a near-uniform start."""
     partitioner = Partitioner.from_config(MeshConfig())
-    config = PPOConfig(epochs=2, num_minibatches=2, no_stop_penalty=0.0, whiten_advantages=True)
+    config = PPOConfig(epochs=2, num_minibatches=2, no_stop_penalty=0.0, whiten_advantages=True,
+                       value_on_policy_trunk=value_on_policy_trunk)  # fmt: skip
     with partitioner.activate():
         state, step, policy_def = ppo_setup(partitioner, config=config)
         batch = bandit_batch(partitioner)
@@ -183,6 +186,26 @@ def test_ppo_solves_a_bandit():
     assert best_probability(state) > 0.9
     assert np.mean(rewards[-5:]) > 0.85 > np.mean(rewards[:5])
     assert float(state["controller"]["iteration"][...]) == 40
+
+
+def test_a_value_head_on_the_policy_reads_its_hidden_states_and_trains_its_trunk():
+    partitioner = Partitioner(make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]))
+    with partitioner.activate():
+        state, step, policy_def = ppo_setup(partitioner, config=PPOConfig(value_on_policy_trunk=True), tx=optax.sgd(0.5))
+        assert set(nnx.to_pure_dict(state)["value"]) == {"head"}  # no second transformer
+        head = {"kernel": jax.random.normal(jax.random.key(0), (TINY.d_model, 1)), "bias": jnp.ones((1,))}
+        value = ValueHead(TINY, rngs=nnx.Rngs(0))
+        nnx.update(value, nnx.State({"head": head}))
+        policy = nnx.merge(policy_def, state["model"])
+        tokens = jnp.asarray([[0, 5, 11, 7]])
+        hidden, _ = policy(tokens, return_hidden=True)
+        one, two = jnp.asarray([1]), jnp.asarray([2])
+        expected = hidden[:, 0:2] @ head["kernel"][:, 0] + 1.0  # the states before response tokens 1 and 2
+        np.testing.assert_allclose(response_values(value, response_logprobs(policy, tokens, one, two, 2)[2], tokens, one, two, 2),
+                                   expected, rtol=1e-5, atol=1e-6)  # fmt: skip
+        # The value loss alone moves the policy's trunk once the head is non-zero.
+        grads = nnx.grad(lambda p: jnp.sum(response_values(value, response_logprobs(p, tokens, one, two, 2)[2], tokens, one, two, 2)))(policy)
+        assert float(optax.global_norm(nnx.state(grads, nnx.Param)["layers"])) > 0
 
 
 def test_sharded_ppo_step_equals_single_device():

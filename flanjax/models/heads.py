@@ -1,8 +1,10 @@
-"""A Transformer with a scalar head instead of its unembedding: one score per position.
+"""Scalar heads: a Transformer with one in place of its unembedding (one score per position),
+and a head alone that reads another model's hidden states.
 
 The reward model reads the score at the last token of a response; the value model (PPO's
-critic, initialised from the reward model) at every response token. The head's weight has
-logical axes like every other parameter, so it is sharded by the same rules.
+critic, initialised from the reward model) at every response token, or, sharing the policy's
+trunk, a `ValueHead` on the policy's own hidden states. Heads' weights have logical axes like
+every other parameter, so they are sharded by the same rules.
 """
 
 from __future__ import annotations
@@ -36,3 +38,16 @@ def score_model_from_lm(config: TransformerConfig, lm_state: nnx.State | None = 
     if lm_state is not None:
         nnx.update(model.transformer, nnx.State({k: v for k, v in lm_state.items() if k != "lm_head"}))
     return model
+
+
+class ValueHead(nnx.Module):
+    """A scalar head on the final hidden states of another model (PPO's policy): a value
+    function that shares the policy's trunk. Zero at the start, so the first advantages are
+    the returns themselves."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.head = nnx.Linear(config.d_model, 1, kernel_init=_zeros(("embed", None)), bias_init=_zeros((None,)), rngs=rngs)
+
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        """[...] float32 values of hidden states [..., d]."""
+        return self.head(hidden.astype(jnp.float32))[..., 0]

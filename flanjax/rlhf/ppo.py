@@ -1,7 +1,8 @@
 """PPO with a KL penalty and pre-training mixing (InstructGPT's third step), on one mesh.
 
 Four models share the mesh and its rules: the policy (from an SFT run, optionally with LoRA
-adapters) and the value model (from the reward model) are trained; the reference policy (the
+adapters) and the value model (from the reward model, or a head on the policy's trunk with
+`value_on_policy_trunk`) are trained; the reference policy (the
 SFT weights; for a LoRA policy, the policy itself with its adapters off, no second copy) and
 the reward model are frozen. Each iteration of the one training loop:
 
@@ -42,7 +43,7 @@ from flanjax.data.availability import check_datasets
 from flanjax.data.pipeline import SeqioBatches, check_vocabulary, decoder_prompt_tf
 from flanjax.decode import SamplingConfig, check_length, generate
 from flanjax.errors import FlanjaxError
-from flanjax.models.heads import ScoreModel
+from flanjax.models.heads import ScoreModel, ValueHead
 from flanjax.models.lora import LoraConfig
 from flanjax.models.transformer import Transformer, TransformerConfig, new_model
 from flanjax.rlhf.advantages import gae, masked_mean, masked_var, whiten
@@ -78,6 +79,10 @@ class PPOConfig:
     no_stop_penalty: float = -1.0  # added to the score of a response that never emits a stop token
     ptx_coef: float = 0.0  # gamma of PPO-ptx; InstructGPT 27.8 (with its per-token LM loss)
     ema_decay: float | None = None  # e.g. 0.992 (DeepSpeed-Chat); None: no EMA
+    # The value function: a model of its own, from the reward model (False), or a head on the
+    # policy's trunk (True: no second transformer to hold and train; the value loss trains the
+    # trunk too).
+    value_on_policy_trunk: bool = False
 
 
 # Registered here, not only through the run files' dynamic registration, so that the command
@@ -173,23 +178,27 @@ def _sequence_inputs(tokens: jax.Array, total_lengths: jax.Array):
 
 
 def response_logprobs(model: Transformer, tokens, prompt_lengths, response_lengths, num_new: int):
-    """log pi(token) and the policy's entropy at every response token: [b, N] each."""
+    """log pi(token) and the policy's entropy at every response token ([b, N] each), and the
+    hidden states that predicted them ([b, N, d], what a `ValueHead` reads)."""
     positions, segments = _sequence_inputs(tokens, prompt_lengths + response_lengths)
     hidden, _ = model(tokens, positions, segments, return_hidden=True)
     at = prompt_lengths[:, None] - 1 + jnp.arange(num_new)[None, :]  # the position predicting token j
-    logits = model.logits(jnp.take_along_axis(hidden, at[..., None], axis=1)).astype(jnp.float32)
+    hidden = jnp.take_along_axis(hidden, at[..., None], axis=1)
     targets = jnp.take_along_axis(tokens, at + 1, axis=1)
-    log_probs = jax.nn.log_softmax(logits)
+    log_probs = jax.nn.log_softmax(model.logits(hidden).astype(jnp.float32))
     chosen = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
-    return chosen, entropy
+    return chosen, entropy, hidden
 
 
-def response_values(model: ScoreModel, tokens, prompt_lengths, response_lengths, num_new: int):
-    """The value of the state before each response token: [b, N]."""
+def response_values(value: ScoreModel | ValueHead, policy_hidden, tokens, prompt_lengths, response_lengths, num_new: int):
+    """The value of the state before each response token: [b, N]. A `ValueHead` reads the
+    policy's hidden states there; a `ScoreModel` runs on the tokens itself."""
+    if isinstance(value, ValueHead):
+        return value(policy_hidden)
     positions, segments = _sequence_inputs(tokens, prompt_lengths + response_lengths)
     at = prompt_lengths[:, None] - 1 + jnp.arange(num_new)[None, :]
-    return jnp.take_along_axis(model(tokens, positions, segments), at, axis=1)
+    return jnp.take_along_axis(value(tokens, positions, segments), at, axis=1)
 
 
 def episode_rewards(kl: jax.Array, score: jax.Array, mask: jax.Array, beta: jax.Array) -> jax.Array:
@@ -223,8 +232,8 @@ def ppo_loss(config: PPOConfig, num_new: int):
 
     def loss_fn(policy: Transformer, value: ScoreModel, batch, rngs: nnx.Rngs | None = None):
         mb, ptx = batch
-        logp, entropy = response_logprobs(policy, mb["tokens"], mb["prompt_lengths"], mb["lengths"], num_new)
-        values = response_values(value, mb["tokens"], mb["prompt_lengths"], mb["lengths"], num_new)
+        logp, entropy, hidden = response_logprobs(policy, mb["tokens"], mb["prompt_lengths"], mb["lengths"], num_new)
+        values = response_values(value, hidden, mb["tokens"], mb["prompt_lengths"], mb["lengths"], num_new)
         out = ppo_losses(logp, mb["logp"], mb["advantages"], values, mb["values"], mb["returns"], entropy, mb["mask"], config)
         out["ptx_loss"] = jnp.zeros(()) if ptx is None else lm(policy, ptx, None)[0]
         total = out["policy_loss"] - config.entropy_coef * out["entropy"] + config.ptx_coef * out["ptx_loss"]
@@ -240,7 +249,7 @@ class PPOState(nnx.Module):
     """PPO's trained state, by name. `model` is the policy, so `flanjax eval`, `flanjax sample`
     and `flanjax convert to-hf` read a PPO run like an SFT run; `ema` is None without EMA."""
 
-    def __init__(self, model: Transformer, optimizer: nnx.Optimizer, value: ScoreModel, value_optimizer: nnx.Optimizer,
+    def __init__(self, model: Transformer, optimizer: nnx.Optimizer, value: ScoreModel | ValueHead, value_optimizer: nnx.Optimizer,
                  controller: KLController, ema: Transformer | None = None):  # fmt: skip
         self.model, self.optimizer = model, optimizer
         self.value, self.value_optimizer = value, value_optimizer
@@ -271,9 +280,9 @@ def make_scoring(graphs: Graphs, config: PPOConfig, kl: KLConfig, stop_tokens: t
         lengths, n = generation.lengths, generation.tokens.shape[1]
         tokens = concat_responses(prompts, prompt_lengths, generation.tokens)
         mask = (jnp.arange(n)[None, :] < lengths[:, None]).astype(jnp.float32)
-        logp, entropy = response_logprobs(s.model, tokens, prompt_lengths, lengths, n)
-        ref_logp, _ = response_logprobs(ref, tokens, prompt_lengths, lengths, n)
-        values = response_values(s.value, tokens, prompt_lengths, lengths, n) * mask
+        logp, entropy, hidden = response_logprobs(s.model, tokens, prompt_lengths, lengths, n)
+        ref_logp, _, _ = response_logprobs(ref, tokens, prompt_lengths, lengths, n)
+        values = response_values(s.value, hidden, tokens, prompt_lengths, lengths, n) * mask
         score = reward_fn(reward_params, tokens, prompt_lengths + lengths)
         last_token = jnp.take_along_axis(generation.tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
         stopped = jnp.isin(last_token, jnp.asarray(stop_tokens))
@@ -408,18 +417,22 @@ def _split_ptx(batch: Mapping[str, Any]) -> tuple[dict, dict | None]:
     return prompts, ptx or None
 
 
-def ppo_init(policy: TransformerConfig, value: TransformerConfig, tx: optax.GradientTransformation,
+def ppo_init(policy: TransformerConfig, value: TransformerConfig | None, tx: optax.GradientTransformation,
              value_tx: optax.GradientTransformation, *, lora: LoraConfig | None = None, init_beta: float = 0.02,
              ema: bool = False, seed: int = 0):  # fmt: skip
     """The function building the `PPOState` from the SFT policy's and the reward model's
-    states (`lm`, `rm`; None: random): pass it to `Partitioner.create`."""
+    states (`lm`, `rm`; None: random): pass it to `Partitioner.create`. `value` None: the
+    value function is a `ValueHead` on the policy's trunk (and `rm` goes unused)."""
     wrt = nnx.Param if lora is None else nnx.LoRAParam
 
     def init(lm=None, rm=None) -> PPOState:
         policy_model = new_model(policy, lora, seed, lm)
-        value_model = ScoreModel(value, rngs=nnx.Rngs(params=seed + 1))
-        if rm is not None:
-            nnx.update(value_model, rm)
+        if value is None:
+            value_model = ValueHead(policy, rngs=nnx.Rngs(params=seed + 1))
+        else:
+            value_model = ScoreModel(value, rngs=nnx.Rngs(params=seed + 1))
+            if rm is not None:
+                nnx.update(value_model, rm)
         return PPOState(policy_model, nnx.Optimizer(policy_model, tx, wrt=wrt), value_model,
                         nnx.Optimizer(value_model, value_tx, wrt=nnx.Param), KLController(init_beta),
                         new_model(policy, lora, seed, lm) if ema else None)  # fmt: skip
@@ -507,7 +520,8 @@ def train_ppo(
                     f"{loop.num_steps} iterations of {batch_size} prompts",
         model_dir=model_dir, model=config, lora=lora, origin=policy_dir, vocabulary=vocabulary, partitioner=partitioner, loop=loop,
         checkpoint=checkpoint, batches=RLHFBatches(prompts, ptx_batches),
-        init=ppo_init(config, reward.config, make_optimizer(optimizer, updates), make_optimizer(value_optimizer, updates),
+        init=ppo_init(config, None if ppo.value_on_policy_trunk else reward.config, make_optimizer(optimizer, updates),
+                      make_optimizer(value_optimizer, updates),
                       lora=lora, init_beta=kl.init_beta, ema=ppo.ema_decay is not None, seed=seed),
         pretrained=pretrained, compile_step=compile_step,
         learning_rate=make_schedule(optimizer, updates),
