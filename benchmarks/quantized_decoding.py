@@ -1,7 +1,8 @@
 """int8 decoding against float32 decoding of a trained run: greedy agreement and log-likelihood drift.
 
 For held-out prompts of a task, the float32 model decodes greedily; then, with the same
-prefixes (teacher forcing on the float32 tokens), each quantised model's argmax is compared
+prefixes (teacher forcing on the float32 tokens, through the int8 KV cache as in decoding),
+each quantised model's argmax is compared
 with the float32 one at every generated position, and the log-likelihood it gives the
 float32 tokens with float32's. Also: how many whole greedy answers come out identical when
 each model decodes on its own. Prints one JSON object.
@@ -35,6 +36,7 @@ def main() -> None:
     from flanjax.data.pipeline import task_prompts
     from flanjax.decode import SamplingConfig, decoder_prompt, generate
     from flanjax.models.quantize import quantize
+    from flanjax.models.transformer import KVCache
     from flanjax.rundir.files import restore
     from flanjax.sharding import MeshConfig, Partitioner, make_mesh
 
@@ -63,7 +65,9 @@ def main() -> None:
 
     @functools.partial(jax.jit, static_argnames="mode")
     def log_probs(state, mode):  # a fresh model per trace: `quantize` swaps its modules in place
-        logits, _ = quantize(nnx.merge(graphdef, state), mode)(jnp.asarray(rows), None, jnp.asarray(segments))
+        # Through the KV cache, int8 for the quantised modes, as the decoder reads it.
+        cache = KVCache.empty(config, rows.shape[0], rows.shape[1], quantized=mode != "none")
+        logits, _ = quantize(nnx.merge(graphdef, state), mode)(jnp.asarray(rows), None, jnp.asarray(segments), cache=cache)
         return jax.nn.log_softmax(logits.astype(jnp.float32))
 
     base = np.asarray(log_probs(state, "none"))

@@ -82,7 +82,8 @@ class SamplingConfig:
     top_k: int = 0  # sample among the k most likely tokens; 0: no limit
     top_p: float = 1.0  # ... and among the fewest most likely tokens whose mass reaches p
     stop_tokens: tuple[int, ...] = ()  # besides EOS, e.g. an end-of-turn token
-    # int8 weights ("int8"), or weights and activations ("int8_dynamic"): `models.quantize`.
+    # int8 weights ("int8"), or weights and activations ("int8_dynamic"), each with an int8 KV
+    # cache: `models.quantize`.
     quantize: Mode = "none"
 
     def __post_init__(self):
@@ -161,7 +162,7 @@ def _generate(graphdef, state, prompts, prompt_lengths, rng, *, config: Sampling
     tokens = jnp.take_along_axis(prompts, (slots - pad) % p, axis=1)
     segments = (slots >= pad).astype(jnp.int32)
     positions = jnp.maximum(slots - pad, 0)
-    cache = KVCache.empty(model.config, b, p + config.max_new_tokens)
+    cache = KVCache.empty(model.config, b, p + config.max_new_tokens, quantized=config.quantize != "none")
     hidden, cache = model(tokens, positions, segments, cache=cache, return_hidden=True)
     stops = jnp.asarray((eos_id, *config.stop_tokens), jnp.int32)
 

@@ -172,27 +172,33 @@ class KVCache(NamedTuple):
     k, v: [l, b, k, s, h], all layers in one array (a scan over layers carries it and updates
     its layer in place; each layer's [b, k, s, h] is the layout the attention dots read without
     a transpose); segment_ids: [b, s], 0 where nothing (or padding) was written; index: the
-    next free slot.
+    next free slot. A quantised cache holds k and v in int8 with one float32 scale per
+    written vector, `k_scale` and `v_scale` [l, b, k, s] (None otherwise): a quarter of the
+    bytes that decoding reads at every step.
     """
 
     k: jax.Array
     v: jax.Array
     segment_ids: jax.Array
     index: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
     @classmethod
-    def empty(cls, config: TransformerConfig, batch: int, length: int | None = None) -> KVCache:
+    def empty(cls, config: TransformerConfig, batch: int, length: int | None = None, quantized: bool = False) -> KVCache:
         length = length or config.max_len
         shape = (config.num_layers, batch, config.kv_heads, length, config.head_size)
         axes = ("activation_layers", "activation_batch", "activation_kv_heads", "activation_length", "activation_head_dim")
-        layers = lambda: constrain(jnp.zeros(shape, jnp.dtype(config.dtype)), axes)  # noqa: E731
+        dtype = jnp.int8 if quantized else jnp.dtype(config.dtype)
+        layers = lambda shape, axes, dtype: constrain(jnp.zeros(shape, dtype), axes)  # noqa: E731
+        scales = lambda: layers(shape[:-1], axes[:-1], jnp.float32) if quantized else None  # noqa: E731
         segments = constrain(jnp.zeros((batch, length), jnp.int32), ("activation_batch", "activation_length"))
-        return cls(layers(), layers(), segments, jnp.zeros((), jnp.int32))
+        return cls(layers(shape, axes, dtype), layers(shape, axes, dtype), segments, jnp.zeros((), jnp.int32), scales(), scales())
 
     def rows(self, index: jax.Array) -> KVCache:
         """The cache of rows `index` (e.g. each prompt repeated once per option)."""
-        take = lambda x, axis: jnp.take(x, index, axis=axis)  # noqa: E731
-        return KVCache(take(self.k, 1), take(self.v, 1), take(self.segment_ids, 0), self.index)
+        take = lambda x, axis: None if x is None else jnp.take(x, index, axis=axis)  # noqa: E731
+        return KVCache(take(self.k, 1), take(self.v, 1), take(self.segment_ids, 0), self.index, take(self.k_scale, 1), take(self.v_scale, 1))
 
 
 # Parameters record their logical axes but are not sharded eagerly: models can be built
@@ -322,13 +328,14 @@ class Attention(nnx.Module):
                 out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation=cfg.attention,
                                                    is_causal=cfg.attention == "cudnn")  # fmt: skip  [b, t, n, h]
         else:
-            cache, k, v = _write_cache(cache, layer, k, v)
+            cache, (k, k_scale), (v, v_scale) = _write_cache(cache, layer, k, v)
             # Causality by slot: slots are filled in order, whatever each row's positions.
             b, t = segment_ids.shape
             q_slots = jnp.broadcast_to(cache.index + jnp.arange(t), (b, t))
             k_slots = jnp.broadcast_to(jnp.arange(k.shape[2]), cache.segment_ids.shape)
             # Within a row, slot distance is position distance (rows are contiguous after padding).
-            out = _attend(q, k, v, attention_mask(segment_ids, q_slots, cache.segment_ids, k_slots, window), scale)
+            mask = attention_mask(segment_ids, q_slots, cache.segment_ids, k_slots, window)
+            out = _attend(q, k, v, mask, scale, k_scale=k_scale, v_scale=v_scale)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
         return project(self.o, out, rngs), cache
 
@@ -340,32 +347,44 @@ def project(module: nnx.Module, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Arra
 
 def _write_cache(cache: KVCache, layer: jax.Array | int, k: jax.Array, v: jax.Array):
     """Writes this layer's new keys/values [b, t, k, h] at the cache's next slots; returns the
-    cache and the layer's keys and values [b, k, s, h]."""
+    cache and the layer's keys and values [b, k, s, h] with their scales [b, k, s] (None for a
+    float cache)."""
 
-    def write(arrays, new):
-        new = jnp.swapaxes(new, 1, 2).astype(arrays.dtype)[None]  # [1, b, k, t, h]
-        arrays = jax.lax.dynamic_update_slice(arrays, new, (layer, 0, 0, cache.index, 0))
-        return arrays, jax.lax.dynamic_index_in_dim(arrays, layer, keepdims=False)
+    def write(arrays, scales, new):
+        new = jnp.swapaxes(new, 1, 2)[None]  # [1, b, k, t, h]
+        if scales is not None:  # int8, one scale per vector
+            scale = jnp.max(jnp.abs(new.astype(jnp.float32)), axis=-1) / 127.0
+            scale = jnp.where(scale == 0, 1.0, scale)
+            new = jnp.round(new / scale[..., None])
+            scales = jax.lax.dynamic_update_slice(scales, scale, (layer, 0, 0, cache.index))
+        arrays = jax.lax.dynamic_update_slice(arrays, new.astype(arrays.dtype), (layer, 0, 0, cache.index, 0))
+        pick = lambda x: None if x is None else jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)  # noqa: E731
+        return arrays, scales, pick(arrays), pick(scales)
 
-    ks, k = write(cache.k, k)
-    vs, v = write(cache.v, v)
-    return cache._replace(k=ks, v=vs), k, v
+    ks, k_scales, k, k_scale = write(cache.k, cache.k_scale, k)
+    vs, v_scales, v, v_scale = write(cache.v, cache.v_scale, v)
+    return cache._replace(k=ks, v=vs, k_scale=k_scales, v_scale=v_scales), (k, k_scale), (v, v_scale)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, dropout=None) -> jax.Array:
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, dropout=None,
+            k_scale: jax.Array | None = None, v_scale: jax.Array | None = None) -> jax.Array:  # fmt: skip
     """Attention of q [b, t, n, h] over k, v [b, k, s, h] (a cache layer's layout); mask [b, t, s].
+    int8 keys and values come with their scales [b, k, s], applied to the scores and the
+    weights (the dots read int8).
 
     Written out (rather than `jax.nn.dot_product_attention`) for the cache layout and for
     dropout on the attention weights.
     """
     b, t, n, h = q.shape
     q = q.reshape(b, t, k.shape[1], n // k.shape[1], h)
-    scores = jnp.einsum("btkgh,bksh->bkgts", q, k).astype(jnp.float32) * scale
+    per_slot = lambda x: 1.0 if x is None else x[:, :, None, None, :]  # noqa: E731  [b, k, 1, 1, s]
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k.astype(q.dtype)).astype(jnp.float32) * per_slot(k_scale) * scale
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout is not None:
         probs = dropout(probs)
-    return jnp.einsum("bkgts,bksh->btkgh", probs.astype(v.dtype), v).reshape(b, t, n, h)
+    dtype = q.dtype if v_scale is not None else v.dtype
+    return jnp.einsum("bkgts,bksh->btkgh", (probs * per_slot(v_scale)).astype(dtype), v.astype(dtype)).reshape(b, t, n, h)
 
 
 class MLP(nnx.Module):
