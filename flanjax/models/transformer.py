@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from flanjax.models.lora import LoRA, LoraConfig, apply_lora
+from flanjax.models.quantize import absmax_int8
 from flanjax.sharding import constrain
 
 Axes = tuple[str | None, ...]
@@ -353,10 +354,8 @@ def _write_cache(cache: KVCache, layer: jax.Array | int, k: jax.Array, v: jax.Ar
     def write(arrays, scales, new):
         new = jnp.swapaxes(new, 1, 2)[None]  # [1, b, k, t, h]
         if scales is not None:  # int8, one scale per vector
-            scale = jnp.max(jnp.abs(new.astype(jnp.float32)), axis=-1) / 127.0
-            scale = jnp.where(scale == 0, 1.0, scale)
-            new = jnp.round(new / scale[..., None])
-            scales = jax.lax.dynamic_update_slice(scales, scale, (layer, 0, 0, cache.index))
+            new, scale = absmax_int8(new, (-1,))
+            scales = jax.lax.dynamic_update_slice(scales, scale[..., 0], (layer, 0, 0, cache.index))
         arrays = jax.lax.dynamic_update_slice(arrays, new.astype(arrays.dtype), (layer, 0, 0, cache.index, 0))
         pick = lambda x: None if x is None else jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)  # noqa: E731
         return arrays, scales, pick(arrays), pick(scales)
@@ -474,7 +473,10 @@ class Transformer(nnx.Module):
             else None
         )
         self.embed_dropout = nnx.Dropout(config.embed_dropout)
-        self.layers = _stacked_blocks(config, rngs) if config.scan_layers else nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        if config.scan_layers:
+            self.layers = _stacked_blocks(config, rngs)
+        else:
+            self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
         self.final_norm = _norm(config, rngs)
         self.lm_head = (
             None

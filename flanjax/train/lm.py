@@ -100,12 +100,8 @@ def train(
         return (restore_weights(*origin, model, partitioner)[1],)
 
     seq_len = sum(task_feature_lengths.values())
-    trained = f"{model.num_params() / 1e6:.2f}M parameters"
-    if lora is not None:  # only the adapters train: say how many of all (abstract model, nothing allocated)
-        adapters = num_adapter_params(nnx.eval_shape(lambda: new_model(model, lora)))
-        trained = f"LoRA adapters: {adapters / 1e6:.2f}M trainable of {(model.num_params() + adapters) / 1e6:.2f}M parameters"
     result = trainer.run(trainer.Trainer(
-        description=f"Training {trained} on {mixture_or_task_name} for {loop.num_steps} steps",
+        description=f"Training {_trained(model, lora)} on {mixture_or_task_name} for {loop.num_steps} steps",
         model_dir=model_dir, model=model, lora=lora, origin=origin and origin[0], vocabulary=vocabulary, partitioner=partitioner,
         loop=loop, checkpoint=checkpoint, batches=batches,
         init=lm_init(model, make_optimizer(optimizer, loop.num_steps), seed, lora), pretrained=pretrained,
@@ -123,6 +119,14 @@ def train(
     if jax.process_index() == 0:
         _print_eval_table(result)
     return result
+
+
+def _trained(model: TransformerConfig, lora: LoraConfig | None) -> str:
+    """What trains: all parameters, or the LoRA adapters of how many (abstract model, nothing allocated)."""
+    if lora is None:
+        return f"{model.num_params() / 1e6:.2f}M parameters"
+    adapters = num_adapter_params(nnx.eval_shape(lambda: new_model(model, lora)))
+    return f"LoRA adapters: {adapters / 1e6:.2f}M trainable of {(model.num_params() + adapters) / 1e6:.2f}M parameters"
 
 
 def evaluation_hook(evaluator: Evaluator, results: dict[int, dict[str, TaskResult]]):
