@@ -22,6 +22,7 @@ from flax import nnx
 from flanjax.decode import SamplingConfig, generate
 from flanjax.models import stacking, transformer
 from flanjax.models.transformer import KVCache, Transformer, TransformerConfig, attention_mask, rope, rope_frequencies
+from flanjax.sharding import MeshConfig, Partitioner
 
 LLAMA = TransformerConfig(
     vocab_size=97, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64, max_len=32,
@@ -192,8 +193,6 @@ def test_scanned_layers_compute_what_unrolled_layers_do(family):
 
 
 def test_stacking_round_trips_and_keeps_shardings():
-    from flanjax.sharding import MeshConfig, Partitioner
-
     partitioner = Partitioner.from_config(MeshConfig(data=2, fsdp=4))
     unrolled = nnx.to_pure_dict(partitioner.abstract_state(lambda: Transformer(LLAMA, rngs=nnx.Rngs(0)))[1])
     scanned_config = dataclasses.replace(LLAMA, scan_layers=True)

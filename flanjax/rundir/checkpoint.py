@@ -49,6 +49,11 @@ def _pure(tree: Any) -> Any:
     return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
 
 
+def _stacked(saved: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint's layers are stacked (a scanned model wrote it), from its flat names."""
+    return not any(re.search(r"(^|/)layers/\d+/", name) for name in saved)
+
+
 def _flat(tree: Any) -> dict[str, Any]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): v for path, v in leaves}
@@ -110,7 +115,8 @@ class Checkpointer:
                 "evaluate or convert it."
             )
         target = _pure(abstract_state)
-        saved_stacked = self._saved_stacked(step)
+        saved = self._saved(step)
+        saved_stacked = _stacked(saved)
         if stacking.is_stacked(target) not in (None, saved_stacked):
             raise CheckpointMismatchError(
                 f"checkpoint {os.path.join(self.directory, str(step))} holds its layers "
@@ -118,7 +124,7 @@ class Checkpointer:
                 f"{not saved_stacked}: resume with --gin.TransformerConfig.scan_layers={saved_stacked}, or "
                 "start a new model_dir from it with init_checkpoint (weights convert between the layouts)."
             )
-        self.check_compatible(step, target)
+        self.check_compatible(step, target, saved)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -136,9 +142,10 @@ class Checkpointer:
         shardings: for evaluation, no optimizer state read. Reads format versions 1 and 2."""
         key = "model" if self.format_version(step) == FORMAT_VERSION else 0
         wanted = _pure(abstract_model)
+        saved = self._saved(step)
         # A scanned model reads an unrolled run's layers and the other way round (`stacking`).
-        target = {key: stacking.in_layout(wanted, self._saved_stacked(step))}
-        self.check_compatible(step, target)
+        target = {key: stacking.in_layout(wanted, _stacked(saved))}
+        self.check_compatible(step, target, saved)
         restored = ocp.PyTreeCheckpointer().restore(
             os.path.join(self.directory, str(step), "state"),
             args=ocp.args.PyTreeRestore(
@@ -152,14 +159,10 @@ class Checkpointer:
     def _saved(self, step: int) -> dict[str, Any]:
         return _flat(self.manager.item_metadata(step)["state"])
 
-    def _saved_stacked(self, step: int) -> bool:
-        """Whether the checkpoint's layers are stacked (a scanned model wrote it)."""
-        return not any(re.search(r"(^|/)layers/\d+/", name) for name in self._saved(step))
-
-    def check_compatible(self, step: int, target: Any) -> None:
+    def check_compatible(self, step: int, target: Any, saved: dict[str, Any] | None = None) -> None:
         """Names the first parameter whose shape (or presence) differs from the model's, within
-        the parts of the saved state that `target` covers."""
-        saved = self._saved(step)
+        the parts of the saved state that `target` covers (`saved`: the step's metadata, if read)."""
+        saved = self._saved(step) if saved is None else saved
         wanted = _flat(target)
         where = os.path.join(self.directory, str(step))
         for name, leaf in wanted.items():
