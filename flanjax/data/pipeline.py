@@ -30,6 +30,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from flanjax.data.dialogue import DialogueFeatureConverter, is_dialogue
 from flanjax.errors import FlanjaxError
 
 
@@ -130,7 +131,11 @@ def check_vocabulary(name: str, model_vocab_size: int) -> seqio.Vocabulary:
     return next(iter(found.values()))[1]
 
 
-def decoder_converter(pack: bool) -> seqio.FeatureConverter:
+def decoder_converter(pack: bool, name: str | None = None) -> seqio.FeatureConverter:
+    """seqio's decoder converter (loss on targets), or for dialogue tasks `name` the converter
+    of their per-token loss masks."""
+    if name is not None and is_dialogue(name):
+        return DialogueFeatureConverter(pack=pack)
     return seqio.DecoderFeatureConverter(pack=pack, loss_on_targets_only=True)
 
 
@@ -200,7 +205,7 @@ class SeqioBatches:
 
     # Subclasses for other models (e.g. the reward model's comparisons) override these two.
     def feature_converter(self) -> seqio.FeatureConverter:
-        return decoder_converter(self.pack)
+        return decoder_converter(self.pack, self.mixture_or_task_name)
 
     def model_features(self, features: dict) -> dict:
         return _fill_unpacked(features)
