@@ -77,7 +77,9 @@ def model_gin(config: TransformerConfig, run_dir: str, source: str, tokenizer: b
     """A gin file binding `config` as MODEL, the converted weights as the initial checkpoint
     and the converted tokenizer as the templated tasks' tokenizer."""
     run_dir = os.path.abspath(run_dir)
-    fields = [f"  {f.name} = {getattr(config, f.name)!r}" for f in dataclasses.fields(config)]  # all: it must win
+    # Every field that says what the checkpoint holds (all of them: they must win over an earlier
+    # model file), not dropout, which is how to train it (a recipe such as lima.gin sets it).
+    fields = [f"  {f.name} = {getattr(config, f.name)!r}" for f in dataclasses.fields(config) if "dropout" not in f.name]
     lines = [
         f"# {source} converted by `flanjax convert from-hf`. Include this file after a run file (such as",
         "# configs/runs/sft.gin) to train from these weights with this model's tokenizer.",

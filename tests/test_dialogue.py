@@ -251,3 +251,28 @@ def test_trimming_drops_and_counts_conversations_left_without_a_reply(tmp_path, 
 def test_dialogue_tasks_get_their_converter(dialogue_task):
     assert isinstance(SeqioBatches(dialogue_task.name, {"targets": 64}, 2).feature_converter(), DialogueFeatureConverter)
     assert not isinstance(SeqioBatches("quickstart_max", {"inputs": 8, "targets": 8}, 2).feature_converter(), DialogueFeatureConverter)
+
+
+# --- the LIMA recipe --------------------------------------------------------------------------
+
+
+def test_lima_recipe_trains_in_epochs_on_its_schedule_and_checkpoints_every_epoch(tmp_path, dialogue_task):
+    from flanjax.cli import main
+    from flanjax.rundir.checkpoint import Checkpointer
+    from flanjax.rundir.metrics import read_metrics
+
+    run = tmp_path / "lima"
+    code = main(["train", "--gin_file=configs/runs/lima.gin", "--gin_file=configs/models/tiny.gin", f"--gin.MODEL_DIR={run}",
+                 f"--gin.MIXTURE_OR_TASK_NAME={dialogue_task.name!r}", "--gin.TASK_FEATURE_LENGTHS={'targets': 64}",
+                 "--gin.BATCH_SIZE=8", "--gin.EPOCHS=2", "--gin.loop.LoopConfig.log_every=1"])  # fmt: skip
+    assert code == 0
+    per_epoch = 24 // 8  # unpacked: a row per conversation
+    assert Checkpointer(str(run), read_only=True).all_steps() == [per_epoch, 2 * per_epoch]
+    rows = read_metrics(str(run / "metrics.jsonl"))
+    assert rows[0]["step"] == 0 and rows[0]["data/conversations"] == 24 and rows[0]["data/dropped"] == 0
+    total = 2 * per_epoch
+    for row in rows[1:]:  # linear from 1e-5 to 1e-6 over the whole run, no warm-up
+        np.testing.assert_allclose(row["learning_rate"], 1e-5 + (1e-6 - 1e-5) * row["step"] / total, rtol=1e-6)
+    assert json.loads((run / "dialogue.json").read_text())["eot"] == "<|eot|>"
+    model = json.loads((run / "model.json").read_text())
+    assert (model["residual_dropout"], model["residual_dropout_top"]) == (0.0, 0.3)

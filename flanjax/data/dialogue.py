@@ -254,14 +254,16 @@ def _render_template(messages, tokenizer, fmt: DialogueFormat, trained: list[boo
 # --- seqio ------------------------------------------------------------------------------------
 
 
-def jsonl_source(files: Mapping[str, str]) -> seqio.DataSource:
-    """A seqio source over JSONL files, one per split: each example is `conversation`, the
-    checked messages as JSON. Every line is checked when the split is read, so a bad line fails
-    with its file and line before anything trains."""
+def jsonl_source(files: Mapping[str, str | Callable[[], str]]) -> seqio.DataSource:
+    """A seqio source over JSONL files, one per split (a path, or a function giving it when the
+    split is read, e.g. from gin): each example is `conversation`, the checked messages as JSON.
+    Every line is checked when the split is read, so a bad line fails with its file and line
+    before anything trains."""
 
     def load(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         del shuffle_files, seed  # one file per split; seqio shuffles examples downstream
-        texts = [to_json(c) for c in read_conversations(files[split])]
+        path = files[split]() if callable(files[split]) else files[split]
+        texts = [to_json(c) for c in read_conversations(path)]
         return tf.data.Dataset.from_tensor_slices({"conversation": texts})
 
     return seqio.FunctionDataSource(load, splits=tuple(files))

@@ -112,6 +112,8 @@ def check_vocabulary(name: str, model_vocab_size: int) -> seqio.Vocabulary:
     found: dict = {}  # token mapping -> (task name, vocabulary)
     for task in tasks:
         for feature_name, feature in task.output_features.items():
+            if feature_name not in ("inputs", "targets"):  # not tokens (a dialogue task's loss_mask)
+                continue
             size = feature.vocabulary.vocab_size
             if size > model_vocab_size:
                 raise VocabularyMismatchError(
@@ -137,6 +139,12 @@ def decoder_converter(pack: bool, name: str | None = None) -> seqio.FeatureConve
     if name is not None and is_dialogue(name):
         return DialogueFeatureConverter(pack=pack)
     return seqio.DecoderFeatureConverter(pack=pack, loss_on_targets_only=True)
+
+
+def epoch_rows(name: str, task_feature_lengths: Mapping[str, int], pack: bool, split: str = "train") -> int:
+    """Rows (examples, or packed rows) in one pass over a split: one read of the data."""
+    once = SeqioBatches(name, task_feature_lengths, 1, split=split, shuffle=False, pack=pack, num_epochs=1, shard_index=0, num_shards=1)
+    return sum(1 for _ in once)
 
 
 def model_feature_lengths(task_feature_lengths: Mapping[str, int], pack: bool) -> dict[str, int]:

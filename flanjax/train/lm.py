@@ -14,11 +14,13 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+import seqio
 from flax import nnx
 from rich.table import Table
 
 from flanjax.data.availability import check_datasets
-from flanjax.data.pipeline import SeqioBatches, check_vocabulary
+from flanjax.data.dialogue import DialogueError, DialogueFormat, dialogue_of, dialogue_stats, is_dialogue
+from flanjax.data.pipeline import SeqioBatches, check_vocabulary, epoch_rows, get_task_or_mixture
 from flanjax.eval.evaluator import EvalConfig, Evaluator, TaskResult, flat_metrics
 from flanjax.eval.report import write_results
 from flanjax.models.lora import LoraConfig, num_adapter_params
@@ -61,18 +63,34 @@ def train(
     seed: int = 0,
     init_checkpoint: str | None = None,
     lora: LoraConfig | None = None,
+    epochs: int | None = None,
+    checkpoint_every_epoch: bool = False,
 ) -> LoopResult:
     """Trains `model` on `mixture_or_task_name` for `loop.num_steps` steps of `batch_size`
     sequences (global), resuming from `model_dir` if it holds checkpoints.
 
     `init_checkpoint`: a run directory (its latest step) or step directory whose model
     weights start a fresh run, e.g. one written by `flanjax convert from-hf`. `lora`: train
-    low-rank adapters on those weights, which stay frozen."""
+    low-rank adapters on those weights, which stay frozen. `epochs`: train for this many
+    passes over the training split instead (LIMA: 15), the steps counted from its size, with
+    a checkpoint after each pass if `checkpoint_every_epoch`."""
     partitioner = Partitioner.from_config(mesh)
     per_process = partitioner.per_process_batch_size(batch_size)
     vocabulary = check_vocabulary(mixture_or_task_name, model.vocab_size)
     # Before compiling: a missing dataset fails now, not at the first batch or evaluation.
     check_datasets(mixture_or_task_name, evaluation and evaluation.mixture_or_task_name)
+    dialogue, data_metrics = None, {}
+    if is_dialogue(mixture_or_task_name):
+        dialogue, data_metrics = check_conversations(mixture_or_task_name, task_feature_lengths["targets"])
+    if epochs is not None:
+        rows = epoch_rows(mixture_or_task_name, task_feature_lengths, pack)
+        per_epoch = max(rows // batch_size, 1)
+        console.print(f"One epoch: {rows} rows = {per_epoch} steps of {batch_size}; {epochs} epochs = {epochs * per_epoch} steps")
+        loop = dataclasses.replace(loop, num_steps=epochs * per_epoch)
+        if checkpoint_every_epoch:
+            checkpoint = dataclasses.replace(checkpoint, every_steps=per_epoch)
+    elif loop.num_steps is None:
+        raise ValueError("give the training length: TRAIN_STEPS (loop.LoopConfig.num_steps) or lm.train.epochs.")
     batches = SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process, seed=seed, pack=pack, shuffle=shuffle)
     loss = lm_loss(z_loss, loss_chunk_size)
     evaluations: dict[int, dict[str, TaskResult]] = {}
@@ -108,6 +126,7 @@ def train(
         compile_step=lambda graphdef, abstract, spec: trainer.jit_step(
             make_train_step(graphdef, loss, num_microbatches=num_microbatches, seed=seed), abstract, spec),
         make_hooks=make_hooks, learning_rate=make_schedule(optimizer, loop.num_steps),
+        dialogue=dialogue, data_metrics=data_metrics,
         tokens_per_step=batch_size * seq_len,
         flops_per_step=batch_size * seq_len * throughput.train_flops_per_token(model, seq_len),
         peak_flops=throughput.peak_flops(),
@@ -119,6 +138,28 @@ def train(
     if jax.process_index() == 0:
         _print_eval_table(result)
     return result
+
+
+def check_conversations(name: str, length: int) -> tuple[DialogueFormat, dict[str, float]]:
+    """The dialogue tasks' rendering, and their training split counted (conversations trimmed
+    to `length` tokens, dropped for want of a trained token): a task that keeps none is an error."""
+    formats, totals = set(), {}
+    for task in seqio.get_subtasks(get_task_or_mixture(name)):
+        formats.add(dialogue_of(task)[1])
+        stats = dialogue_stats(task, "train", length)
+        if stats.dropped == stats.conversations:
+            raise DialogueError(
+                f"task {task.name!r}: none of its {stats.conversations} conversations has a trained token within "
+                f"{length} tokens (prompts longer than the length, or no assistant reply to learn). Raise "
+                "TASK_FEATURE_LENGTHS['targets'], or train on more replies (turns='all', no train=false)."
+            )
+        if stats.dropped or stats.trimmed:
+            console.print(f"{task.name}: {stats.trimmed} of {stats.conversations} conversations trimmed to {length} tokens, "
+                          f"{stats.dropped} dropped (no reply left to train)")  # fmt: skip
+        totals = {k: totals.get(k, 0.0) + v for k, v in stats.metrics().items()}
+    if len(formats) > 1:
+        raise DialogueError(f"{name!r} mixes dialogue formats ({formats}); a model chats in one.")
+    return formats.pop(), totals
 
 
 def _trained(model: TransformerConfig, lora: LoraConfig | None) -> str:

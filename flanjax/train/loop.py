@@ -53,7 +53,7 @@ EvalHook = Callable[[int, nnx.State], Mapping[str, float]]
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-    num_steps: int
+    num_steps: int | None  # None: set by the trainer (lm.train's epochs)
     log_every: int = 10
     eval_every: int | None = None  # None: evaluate only at the end
     eval_at_start: bool = False  # also evaluate the initial model (e.g. untrained baseline)

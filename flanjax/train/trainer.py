@@ -9,7 +9,7 @@ in one order for all of them:
     ahead-of-time compile                          before any data is read, with a memory report
                                                    (a dry run stops here, having written nothing)
     model.json / lora.json / init_checkpoint.txt,  the run directory says what it holds
-    tokenizer/
+    dialogue.json, tokenizer/
     checkpointer, metrics, hooks, TrainLoop        resume or create the state born sharded
     close, plots                                   loss.png (and the method's own plots)
 
@@ -27,6 +27,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from flanjax.data.dialogue import DialogueFormat, write_format
 from flanjax.models.lora import LoraConfig
 from flanjax.models.transformer import TransformerConfig
 from flanjax.rundir.checkpoint import CheckpointConfig, Checkpointer
@@ -80,6 +81,8 @@ class Trainer:
     make_hooks: Callable[[nnx.GraphDef, Any], Mapping[str, EvalHook]] = lambda graphdef, abstract: {}
     lora: LoraConfig | None = None  # written to lora.json
     vocabulary: Any = None  # the data's tokenizer (a seqio Vocabulary): checked and recorded in tokenizer/
+    dialogue: DialogueFormat | None = None  # how conversations were rendered: recorded in dialogue.json
+    data_metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)  # about the data, logged at step 0
     origin: str | None = None  # the run directory the weights start from
     learning_rate: Callable[[int], float] | None = None
     console_keys: tuple[str, ...] = ("loss", "token_accuracy", "grad_norm", "tokens_per_s")
@@ -111,7 +114,10 @@ def run(trainer: Trainer) -> LoopResult:
             write_tokenizer(t.model_dir, t.vocabulary)
             if t.origin is not None:
                 write_init_checkpoint(t.model_dir, t.origin)
+            if t.dialogue is not None:
+                write_format(t.model_dir, t.dialogue)
         metrics = MetricsLog(t.model_dir)
+        metrics.write(0, t.data_metrics)
         checkpointer = Checkpointer(t.model_dir, t.checkpoint)
         console.print("Preparing evaluation...")
         hooks = t.make_hooks(graphdef, abstract)  # builds their input pipelines and compiles some
