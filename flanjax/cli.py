@@ -233,7 +233,7 @@ def _sampling(args: argparse.Namespace):
     from flanjax.decode import SamplingConfig
 
     return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          quantize=args.quantize)  # fmt: skip
+                          repetition_penalty=args.repetition_penalty, quantize=args.quantize)  # fmt: skip
 
 
 def _import_modules(modules: list[str]) -> None:
@@ -502,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--max_new_tokens", type=int, default=64)
         command.add_argument("--temperature", type=float, default=1.0)
         command.add_argument("--top_p", type=float, default=1.0)
+        command.add_argument("--repetition_penalty", type=float, default=1.0,
+                             help="Hugging Face's: logits of tokens already in the sequence divided by it "
+                                  "(multiplied if negative); 1: off, LIMA uses 1.2")  # fmt: skip
         command.add_argument("--quantize", default="none", choices=["none", "int8", "int8_dynamic"],
                              help="sample with int8 weights (int8), or int8 weights and activations (int8_dynamic)")
         command.add_argument("--seed", type=int, default=0)

@@ -6,11 +6,12 @@ it in training (`decoder_prompt`) and seqio's decoder features built from NumPy 
 (`decoder_features`).
 
 `generate` continues a batch of prompts with the KV cache inside one `jax.lax.while_loop`
-(no Python per token): greedy, or temperature sampling with top-k / top-p filtering,
-stopping each row at EOS or any extra stop token. `score` returns the log-likelihood of
-given continuations, per token and summed: rank classification, the reward model and PPO
-use it. Both are jitted, so under `Partitioner.activate()` with batch-sharded inputs they
-run sharded on the mesh like the training step.
+(no Python per token): greedy, or temperature sampling with top-k / top-p filtering, either
+with Hugging Face's repetition penalty, stopping each row at EOS or any extra stop token.
+`score` returns the log-likelihood of given continuations, per token and summed: rank
+classification, the reward model and PPO use it. Both are jitted, so under
+`Partitioner.activate()` with batch-sharded inputs they run sharded on the mesh like the
+training step.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class SamplingConfig:
     temperature: float = 0.0  # 0: greedy (argmax); otherwise sample from softmax(logits / T)
     top_k: int = 0  # sample among the k most likely tokens; 0: no limit
     top_p: float = 1.0  # ... and among the fewest most likely tokens whose mass reaches p
+    # Hugging Face's: every token already in the row (prompt or generated) has its logit divided
+    # by this if positive, multiplied if negative, before the above. 1: off; LIMA decodes with 1.2.
+    repetition_penalty: float = 1.0
     stop_tokens: tuple[int, ...] = ()  # besides EOS, e.g. an end-of-turn token
     # int8 weights ("int8"), or weights and activations ("int8_dynamic"), each with an int8 KV
     # cache: `models.quantize`.
@@ -92,6 +96,8 @@ class SamplingConfig:
             raise ValueError(f"quantize={self.quantize!r} is not one of {', '.join(MODES)}.")
         if self.max_new_tokens < 1 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"invalid {self}: need max_new_tokens >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1.")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"invalid {self}: need repetition_penalty > 0 (1: off).")
 
 
 class Generation(NamedTuple):
@@ -125,6 +131,13 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
         ranked = jnp.where(mass_above < top_p, ranked, jnp.inf)
     smallest_kept = jnp.min(ranked, axis=-1, keepdims=True)
     return jnp.where(logits < smallest_kept, -jnp.inf, logits)
+
+
+def penalize_repetition(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """`logits` [b, v] with every `seen` [b, v] token's logit moved towards 0 by `penalty`
+    (> 1) as Hugging Face's RepetitionPenaltyLogitsProcessor does: divided if positive,
+    multiplied if negative."""
+    return jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def next_token(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:
@@ -165,25 +178,34 @@ def _generate(graphdef, state, prompts, prompt_lengths, rng, *, config: Sampling
     cache = KVCache.empty(model.config, b, p + config.max_new_tokens, quantized=config.quantize != "none")
     hidden, cache = model(tokens, positions, segments, cache=cache, return_hidden=True)
     stops = jnp.asarray((eos_id, *config.stop_tokens), jnp.int32)
+    penalty = config.repetition_penalty
+    # The tokens each row holds so far (padding excluded), for the repetition penalty; None
+    # without one, so the default loop carries nothing extra.
+    rows = jnp.arange(b)[:, None]
+    seen = None if penalty == 1.0 else jnp.zeros((b, model.config.vocab_size), bool).at[rows, tokens].max(segments > 0)
 
-    def emit(i, logits, out, lengths, done):
+    def emit(i, logits, out, lengths, done, seen):
+        if seen is not None:
+            logits = penalize_repetition(logits, seen, penalty)
         token = jnp.where(done, 0, next_token(logits, jax.random.fold_in(rng, i), config))
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
-        return token, out, lengths + ~done, done | jnp.isin(token, stops)
+        if seen is not None:
+            seen = seen.at[rows[:, 0], token].max(~done)
+        return token, out, lengths + ~done, done | jnp.isin(token, stops), seen
 
     def cond(carry):
-        i, _, _, _, _, done = carry
+        i, _, _, _, _, done, _ = carry
         return (i < config.max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, token, cache, out, lengths, done = carry
+        i, token, cache, out, lengths, done, seen = carry
         hidden, cache = model(token[:, None], prompt_lengths[:, None] + i - 1, jnp.ones((b, 1), jnp.int32), cache=cache, return_hidden=True)
-        token, out, lengths, done = emit(i, model.logits(hidden[:, 0]), out, lengths, done)
-        return i + 1, token, cache, out, lengths, done
+        token, out, lengths, done, seen = emit(i, model.logits(hidden[:, 0]), out, lengths, done, seen)
+        return i + 1, token, cache, out, lengths, done, seen
 
     out = jnp.zeros((b, config.max_new_tokens), jnp.int32)
-    token, out, lengths, done = emit(0, model.logits(hidden[:, -1]), out, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool))
-    _, _, _, out, lengths, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, out, lengths, done))
+    token, out, lengths, done, seen = emit(0, model.logits(hidden[:, -1]), out, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), seen)
+    _, _, _, out, lengths, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, out, lengths, done, seen))
     return Generation(out, lengths)
 
 

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from flanjax.decode import (
-    SamplingConfig, SequenceTooLongError, decoder_features, filter_logits, generate, next_token, score, score_rows,
+    SamplingConfig, SequenceTooLongError, decoder_features, filter_logits, generate, next_token, penalize_repetition,
+    score, score_rows,
 )
 from flanjax.models.transformer import Transformer, TransformerConfig
 from flanjax.sharding import MeshConfig, Partitioner, make_mesh
@@ -200,3 +201,62 @@ def test_scoring_each_prompt_once_equals_scoring_every_row(mesh):
     once = score_rows(graphdef, state, rows, partitioner, batch_size=8)
     assert once.shape == (len(rows["decoder_target_tokens"]),) and (once < 0).sum() == len(once) - 1
     np.testing.assert_allclose(once, per_row, rtol=1e-5, atol=1e-5)
+
+
+# --- repetition penalty against NumPy and Hugging Face transformers ----------------------------
+
+
+@pytest.mark.parametrize("penalty", [1.2, 0.8])
+def test_penalize_repetition_equals_numpy(penalty):
+    rng = np.random.default_rng(8)
+    logits = rng.normal(0, 2, (4, 30)).astype(np.float32)
+    seen = rng.random((4, 30)) < 0.3
+    expected = logits.copy()
+    for r, t in zip(*np.nonzero(seen)):
+        expected[r, t] = logits[r, t] / penalty if logits[r, t] > 0 else logits[r, t] * penalty
+    np.testing.assert_allclose(np.asarray(penalize_repetition(jnp.asarray(logits), jnp.asarray(seen), penalty)), expected, rtol=1e-6)
+    assert (expected != logits).sum() > 10  # positive and negative seen logits changed
+    with pytest.raises(ValueError, match="repetition_penalty > 0"):
+        SamplingConfig(repetition_penalty=0.0)
+
+
+def test_repetition_penalty_greedy_equals_transformers(tmp_path):
+    """Greedy decoding of a tiny random LLaMA with transformers' repetition penalty, from
+    prompts of different lengths (so flanjax pads and left-aligns them), token for token."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from flanjax.models.hf import load_model
+
+    vocab, new = 64, 20
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                      bos_token_id=None, eos_token_id=None, pad_token_id=None)  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    torch_model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # weights ~ N(0, 0.2^2), norm scales ~ 1: O(1) logits, clear argmaxes
+        for name, p in torch_model.named_parameters():
+            p.copy_(0.2 * torch.randn(p.shape) + (1.0 if "norm" in name else 0.0))
+    torch_model.save_pretrained(tmp_path)
+    graphdef, state = nnx.split(load_model(str(tmp_path)))
+    prompts = [np.random.default_rng(9).integers(0, vocab, n) for n in (9, 4)]
+
+    def hf_greedy(prompt, penalty):
+        with torch.no_grad():
+            out = torch_model.generate(torch.tensor(prompt[None]), attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+                                       do_sample=False, repetition_penalty=penalty, max_new_tokens=new, min_new_tokens=new,
+                                       pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True)  # fmt: skip
+        top2 = np.sort(torch.cat(out.scores).numpy(), axis=-1)[:, -2:]  # the penalized logits of each step
+        assert (top2[:, 1] - top2[:, 0]).min() > 1e-4  # no near-ties that float differences could flip
+        return out.sequences[0, len(prompt) :].numpy()
+
+    unpenalized = np.stack([hf_greedy(prompt, 1.0) for prompt in prompts])
+    for penalty in (1.0, 1.3, 2.0):
+        expected = np.stack([hf_greedy(prompt, penalty) for prompt in prompts])
+        # Right-padded, the short row's padding holding its expected tokens: were padding counted as
+        # seen, they would be penalized from the first step.
+        padded = np.stack([prompts[0], np.concatenate([prompts[1], expected[1, :5]])]).astype(np.int32)
+        out = generate(graphdef, state, jnp.asarray(padded), jnp.asarray([9, 4], jnp.int32), eos_id=vocab,
+                       config=SamplingConfig(max_new_tokens=new, repetition_penalty=penalty))  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(out.tokens), expected)
+        assert penalty == 1.0 or (expected != unpenalized).any(axis=1).all()  # the penalty changes every row
