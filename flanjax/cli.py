@@ -8,6 +8,9 @@
     flanjax tasks preview flan_rte -n 2 --mock
     flanjax convert from-hf --in hf/Llama-3.2-1B --out runs/llama1b --add_tokens "<|eot|>"
     flanjax convert to-hf --in runs/my_sft --out hf/my_sft
+    flanjax chat --run runs/lima --system "Be brief."
+    flanjax select --run runs/lima --prompts dev.jsonl --judge judge:runs/judge --min_step 50 --max_step 100
+    flanjax compare --a runs/lima --b runs/sft --prompts test.jsonl --judge reward:runs/rm
 
 Configuration is gin, t5x style: `--gin_file` (repeatable; files `include` each other) and
 `--gin.KEY=VALUE` bindings applied after the files. The parsed config is written to
@@ -302,6 +305,61 @@ def cmd_sample(args: argparse.Namespace, bindings: list[str]) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace, bindings: list[str]) -> int:
+    from flanjax.chat import Policy, chat
+    from flanjax.data.vocab import HFVocabulary
+    from flanjax.rundir.metrics import console
+    from flanjax.sharding import Partitioner
+
+    policy = Policy.load(args.run_dir, Partitioner.from_config(_mesh(args.mesh)), HFVocabulary(args.tokenizer) if args.tokenizer else None)
+    interactive = sys.stdin.isatty()
+    if policy.format is None:
+        console.print("This run was not trained on conversations (no dialogue.json): each message is a prompt of its own.")
+    if interactive:
+        console.print(f"Chatting with {args.run_dir} (step {policy.step}); /reset starts over, /exit or Ctrl-D ends.")
+
+    def lines():
+        while True:
+            try:
+                yield input("you> ") if interactive else next(sys.stdin)
+            except (EOFError, StopIteration):
+                return
+
+    say = (lambda reply: console.print(f"[bold]assistant>[/] {reply}")) if interactive else (lambda reply: print(reply, flush=True))
+    chat(policy, lines(), say, sampling=_sampling(args), system=args.system, seed=args.seed)
+    return 0
+
+
+def cmd_select(args: argparse.Namespace, bindings: list[str]) -> int:
+    from flanjax.eval import selection
+    from flanjax.sharding import Partitioner
+
+    _import_modules(args.module)
+    result = selection.select(args.run_dir, args.prompts, args.judge, Partitioner.from_config(_mesh(args.mesh)), sampling=_sampling(args),
+                              steps=(args.min_step, args.max_step), seed=args.seed)  # fmt: skip
+    print(f"{'step':>8}  {'judge score':>12}  {'dev perplexity':>14}")
+    for row in result["table"]:
+        mark = "  <- selected" if row["step"] == result["selected_step"] else ""
+        print(f"{row['step']:>8}  {row['judge_score']:>12.4f}  {row['dev_perplexity']:>14.3f}{mark}")
+    print(f"Selected step {result['selected_step']} (recorded in {result['run']}/selected.json: eval, sample, chat and convert read it).")
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, bindings: list[str]) -> int:
+    from flanjax.eval import selection
+    from flanjax.sharding import Partitioner
+
+    _import_modules(args.module)
+    result = selection.compare(args.a, args.b, args.prompts, args.judge, Partitioner.from_config(_mesh(args.mesh)),
+                               sampling=_sampling(args), seed=args.seed)  # fmt: skip
+    agreement = "n/a (answers scored alone)" if result["order_agreement"] is None else f"{100 * result['order_agreement']:.1f}%"
+    print(f"A = {result['a']}\nB = {result['b']}\non {result['prompts']} prompts, judged by {result['judge']}:")
+    print(f"  A wins {result['wins']}, ties {result['ties']}, A loses {result['losses']}; the two orders agree on {agreement}")
+    print(json.dumps(result))
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace, bindings: list[str]) -> int:
     import importlib
 
@@ -499,17 +557,46 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(run=cmd_sample)
     for command in (label, sample):
         command.add_argument("--prompt_len", type=int, default=64, help="prompt tokens kept (the last ones)")
-        command.add_argument("--max_new_tokens", type=int, default=64)
-        command.add_argument("--temperature", type=float, default=1.0)
-        command.add_argument("--top_p", type=float, default=1.0)
-        command.add_argument("--repetition_penalty", type=float, default=1.0,
-                             help="Hugging Face's: logits of tokens already in the sequence divided by it "
-                                  "(multiplied if negative); 1: off, LIMA uses 1.2")  # fmt: skip
-        command.add_argument("--quantize", default="none", choices=["none", "int8", "int8_dynamic"],
-                             help="sample with int8 weights (int8), or int8 weights and activations (int8_dynamic)")
-        command.add_argument("--seed", type=int, default=0)
-        command.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=2,fsdp=4 (default: data parallel)")
+        _sampling_arguments(command, max_new_tokens=64, temperature=1.0, top_p=1.0, repetition_penalty=1.0)
         command.add_argument("--module", action="append", default=list(TASK_MODULES), help="task module to import (repeatable)")
+
+    chat = commands.add_parser(
+        "chat",
+        help="talk to a trained run in the terminal (or through a pipe), multi-turn",
+        description="Each line is your next message; the run's reply follows, sampled with LIMA's decoding by default "
+        "until its end-of-turn token. /reset starts the conversation over, /exit ends it. From a pipe, each reply is "
+        "printed on its own.",
+    )
+    chat.add_argument("--run", dest="run_dir", required=True, help="run or step directory (a run's selected step, else its latest)")
+    chat.add_argument("--system", help="a system prompt that opens the conversation")
+    chat.add_argument("--tokenizer", help="tokenizer directory (default: the one the run recorded)")
+    select = commands.add_parser(
+        "select",
+        help="choose a run's checkpoint by a judge of its answers to dev prompts (LIMA), not by perplexity",
+        description="Samples every checkpoint (optionally between --min_step and --max_step) on the --prompts JSONL with "
+        "LIMA's decoding, scores the answers with --judge, prints a table (judge score, dev perplexity) and records the "
+        "best step in RUN/selected.json, which eval, sample, chat and convert then read. Last line: one JSON object.",
+    )
+    select.add_argument("--run", dest="run_dir", required=True, help="the run directory")
+    select.add_argument("--min_step", type=int, help="first candidate step (LIMA: the end of epoch 5)")
+    select.add_argument("--max_step", type=int, help="last candidate step (LIMA: the end of epoch 10)")
+    compare = commands.add_parser(
+        "compare",
+        help="wins / ties / losses of run A's answers against run B's, judged in both orders (LIMA's evaluation)",
+        description="Both runs answer the --prompts JSONL; --judge decides each pair. A model judge sees each pair in "
+        "both orders: a verdict that flips with the order is a tie, and how often the orders agree is reported.",
+    )
+    compare.add_argument("--a", required=True, help="run A (run or step directory)")
+    compare.add_argument("--b", required=True, help="run B")
+    for command in (select, compare):
+        command.add_argument("--prompts", required=True, help="JSONL of conversations (a final assistant turn is the reference)")
+        command.add_argument("--judge", required=True, help="rubric:MODULE:FUNCTION, reward:RUN_DIR or judge:RUN_DIR")
+        command.add_argument("--module", action="append", default=[], help="module to import first (repeatable)")
+    for command in (chat, select, compare):
+        _sampling_arguments(command, max_new_tokens=256, temperature=0.7, top_p=0.9, repetition_penalty=1.2)
+    chat.set_defaults(run=cmd_chat)
+    select.set_defaults(run=cmd_select)
+    compare.set_defaults(run=cmd_compare)
 
     tasks = commands.add_parser("tasks", help="list registered tasks and mixtures; preview rendered examples")
     actions = tasks.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -525,6 +612,20 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--module", action="append", default=list(TASK_MODULES), help="task module to import (repeatable)")
         action.set_defaults(run=cmd_tasks)
     return parser
+
+
+def _sampling_arguments(command: argparse.ArgumentParser, **defaults) -> None:
+    """Decoding options (see `decode.SamplingConfig`), with the command's defaults."""
+    command.add_argument("--max_new_tokens", type=int, default=defaults["max_new_tokens"])
+    command.add_argument("--temperature", type=float, default=defaults["temperature"], help="0: greedy")
+    command.add_argument("--top_p", type=float, default=defaults["top_p"])
+    command.add_argument("--repetition_penalty", type=float, default=defaults["repetition_penalty"],
+                         help="Hugging Face's: logits of tokens already in the sequence divided by it "
+                              "(multiplied if negative); 1: off, LIMA uses 1.2")  # fmt: skip
+    command.add_argument("--quantize", default="none", choices=["none", "int8", "int8_dynamic"],
+                         help="sample with int8 weights (int8), or int8 weights and activations (int8_dynamic)")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=2,fsdp=4 (default: data parallel)")
 
 
 def _message(e: Exception) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import jax
@@ -295,6 +295,39 @@ def score_rows(graphdef: nnx.GraphDef, state: nnx.State, rows: Mapping[str, np.n
     return result
 
 
+def generate_ids(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompts: Sequence[Sequence[int]],  # token ids, as the model saw them in training (see `decoder_prompt`)
+    *,
+    eos_id: int,
+    config: SamplingConfig,
+    partitioner,  # a flanjax.sharding.Partitioner
+    prompt_len: int,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[list[int]]:
+    """The new token ids of one continuation per prompt, stop tokens dropped; each prompt keeps
+    its last `prompt_len` ids. Batches are padded to `batch_size`, a multiple of the data shards."""
+    if not prompts:
+        return []
+    tokens = np.zeros((len(prompts), prompt_len), np.int32)
+    lengths = np.zeros(len(prompts), np.int32)
+    for i, ids in enumerate(prompts):
+        ids = ids[-prompt_len:]
+        tokens[i, : len(ids)], lengths[i] = ids, len(ids)
+
+    def sample(batch, start):
+        key = jax.random.fold_in(jax.random.key(seed), start)
+        gen = generate(graphdef, state, batch["tokens"], jnp.maximum(batch["lengths"], 1), eos_id=eos_id,
+                       config=config, seed=key)  # fmt: skip
+        return gen.tokens, gen.lengths
+
+    new, counts = partitioner.map_batches(sample, {"tokens": tokens, "lengths": lengths}, batch_size)
+    stops = {eos_id, *config.stop_tokens}
+    return [[int(t) for t in row[:n] if int(t) not in stops] for row, n in zip(new, counts)]
+
+
 def generate_texts(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -308,22 +341,8 @@ def generate_texts(
     seed: int = 0,
 ) -> list[str]:
     """One continuation per prompt, as text (stop tokens dropped), each prompt laid out as in
-    training (`decoder_prompt`). Batches are padded to `batch_size`, a multiple of the data
-    shards."""
-    if not prompts:
-        return []
-    tokens = np.zeros((len(prompts), prompt_len), np.int32)
-    lengths = np.zeros(len(prompts), np.int32)
-    for i, prompt in enumerate(prompts):
-        ids = decoder_prompt(vocabulary.encode(prompt), prompt_len)
-        tokens[i, : len(ids)], lengths[i] = ids, len(ids)
-
-    def sample(batch, start):
-        key = jax.random.fold_in(jax.random.key(seed), start)
-        gen = generate(graphdef, state, batch["tokens"], jnp.maximum(batch["lengths"], 1), eos_id=vocabulary.eos_id,
-                       config=config, seed=key)  # fmt: skip
-        return gen.tokens, gen.lengths
-
-    new, counts = partitioner.map_batches(sample, {"tokens": tokens, "lengths": lengths}, batch_size)
-    stops = {vocabulary.eos_id, *config.stop_tokens}
-    return [vocabulary.decode([int(t) for t in row[:n] if int(t) not in stops]) for row, n in zip(new, counts)]
+    training (`decoder_prompt`)."""
+    ids = [decoder_prompt(vocabulary.encode(prompt), prompt_len) for prompt in prompts]
+    new = generate_ids(graphdef, state, ids, eos_id=vocabulary.eos_id, config=config, partitioner=partitioner,
+                       prompt_len=prompt_len, batch_size=batch_size, seed=seed)  # fmt: skip
+    return [vocabulary.decode(row) for row in new]

@@ -68,6 +68,7 @@ class Evaluator:
         partitioner: Partitioner,
         task_feature_lengths: Mapping[str, int] | None = None,  # None: each task's longest
         default_task: str | None = None,
+        stop_tokens: tuple[int, ...] = (),  # besides EOS: a chat model's end-of-turn token
     ):
         name = config.mixture_or_task_name or default_task
         if name is None:
@@ -79,6 +80,7 @@ class Evaluator:
             )
         _check_tasks(name, config.split)
         self.config, self.model, self.graphdef, self.partitioner = config, model, graphdef, partitioner
+        self.stop_tokens = stop_tokens
         self.seqio_evaluator = seqio.Evaluator(
             name,
             feature_converter=decoder_converter(pack=False),
@@ -110,6 +112,7 @@ class Evaluator:
             prompt_width = max(int(ex["decoder_causal_attention"].sum()) for ex in rows)
             longest_target = max(int(ex["decoder_loss_weights"].sum()) for ex in rows)
             sampling = self.config.sampling or SamplingConfig(max_new_tokens=longest_target)
+            sampling = dataclasses.replace(sampling, stop_tokens=(*sampling.stop_tokens, *self.stop_tokens))
             try:
                 check_length(self.model, prompt_width, sampling.max_new_tokens)
             except SequenceTooLongError as e:

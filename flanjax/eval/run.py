@@ -18,7 +18,8 @@ from flanjax.eval.evaluator import EvalConfig, Evaluator, TaskResult, flat_metri
 from flanjax.eval.report import markdown_table, write_results
 from flanjax.models.transformer import TransformerConfig, new_model
 from flanjax.rundir.checkpoint import Checkpointer
-from flanjax.rundir.files import check_tokenizer, read_lora_config, read_model_config, resolve_checkpoint, run_vocabulary
+from flanjax.data.dialogue import eot_id, read_format
+from flanjax.rundir.files import check_tokenizer, lineage, read_lora_config, read_model_config, resolve_checkpoint, run_vocabulary
 from flanjax.rundir.metrics import MetricsLog, console
 from flanjax.sharding import MeshConfig, Partitioner
 
@@ -50,9 +51,11 @@ def evaluate(
     lora = read_lora_config(run_dir)
     graphdef, abstract = partitioner.abstract_state(lambda: new_model(model, lora))
     # Datasets and length checks first: a bad task fails before any weights are read.
+    dialogue = read_format(lineage(run_dir))  # a chat model stops at its end-of-turn token
     evaluator = Evaluator(
         dataclasses.replace(evaluation, mixture_or_task_name=mixture_or_task_name),
         model=model, graphdef=graphdef, partitioner=partitioner, task_feature_lengths=task_feature_lengths,
+        stop_tokens=() if dialogue is None else (eot_id(run_vocabulary(run_dir).tokenizer, dialogue),),
     )  # fmt: skip
     console.print(f"Evaluating {run_dir} at step {step} on {mixture_or_task_name}")
     state = Checkpointer(run_dir, read_only=True).restore_model(step, abstract)

@@ -216,17 +216,22 @@ class JudgeLabeler:
         """[n, n]: entry (i, j) is P(response i beats response j); P + P.T = 1 off the diagonal."""
         n = len(responses)
         pairs = [(i, j) for i in range(n) for j in range(n) if i != j]  # (A, B): both orders of each pair
-        contexts = [
-            self.vocabulary.encode(self.template.format(prompt=prompt, a=responses[i], b=responses[j], reference=reference))
-            for i, j in pairs
-        ]
-        logp = self._log_likelihoods([(ctx, letter) for ctx in contexts for letter in self.letter_ids]).reshape(-1, 2)
-        a_over_b = {pair: lp[0] - lp[1] for pair, lp in zip(pairs, logp)}
+        log_odds = self.log_odds([prompt] * len(pairs), [responses[i] for i, _ in pairs], [responses[j] for _, j in pairs],
+                                 [reference] * len(pairs))  # fmt: skip
+        a_over_b = dict(zip(pairs, log_odds))
         probs = np.full((n, n), 0.5)
         for i, j in pairs:
             # i is A in (i, j) and B in (j, i); average its win probability over both.
             probs[i, j] = 0.5 * (_sigmoid(a_over_b[i, j]) + _sigmoid(-a_over_b[j, i]))
         return probs
+
+    def log_odds(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str], references: Sequence[str]) -> np.ndarray:
+        """Per row, `first` shown as answer A and `second` as B: log p(A's letter) - log p(B's
+        letter) after the judging prompt; > 0 prefers `first`."""
+        contexts = [self.vocabulary.encode(self.template.format(prompt=p, a=a, b=b, reference=r))
+                    for p, a, b, r in zip(prompts, first, second, references)]  # fmt: skip
+        logp = self._log_likelihoods([(ctx, letter) for ctx in contexts for letter in self.letter_ids]).reshape(-1, 2)
+        return logp[:, 0] - logp[:, 1]
 
     def _log_likelihoods(self, rows: list[tuple[list[int], list[int]]]) -> np.ndarray:
         """log p(target | context) of each (context, target) row, through `decode.score`."""

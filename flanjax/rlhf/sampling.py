@@ -15,10 +15,11 @@ import numpy as np
 
 from flanjax.data.pipeline import task_prompts
 from flanjax.data.preferences import Comparison, write_comparisons
-from flanjax.decode import SamplingConfig, generate_texts
+from flanjax.chat import Policy
+from flanjax.data.dialogue import Message
+from flanjax.decode import SamplingConfig
 from flanjax.rlhf.feedback import Labeler, label_all
 from flanjax.rlhf.reward import TOKENIZER_FILE, RewardModel
-from flanjax.rundir.files import check_tokenizer, resolve_checkpoint, restore
 from flanjax.rundir.metrics import console
 from flanjax.sharding import Partitioner
 
@@ -26,12 +27,11 @@ from flanjax.sharding import Partitioner
 def sample(policy: str, prompts: Sequence[str], vocabulary, partitioner: Partitioner, *, num_samples: int,
            sampling: SamplingConfig, prompt_len: int, batch_size: int = 64, seed: int = 0) -> list[list[str]]:  # fmt: skip
     """`num_samples` responses to each prompt from a run's policy (refused if `vocabulary` is
-    not the tokenizer the policy recorded)."""
-    check_tokenizer(resolve_checkpoint(policy)[0], vocabulary, "the prompts")
-    graphdef, state, _ = restore(policy, partitioner)
-    flat = [p for p in prompts for _ in range(num_samples)]
-    texts = generate_texts(graphdef, state, vocabulary, flat, config=sampling, partitioner=partitioner,
-                           prompt_len=prompt_len, batch_size=batch_size, seed=seed)  # fmt: skip
+    not the tokenizer the policy recorded). A policy trained on conversations gets each prompt
+    as a user turn and stops at its end-of-turn token."""
+    model = Policy.load(policy, partitioner, vocabulary)
+    flat = [[Message("user", p)] for p in prompts for _ in range(num_samples)]
+    texts = model.replies(flat, sampling, prompt_len=prompt_len, batch_size=batch_size, seed=seed)
     return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
 
 

@@ -5,6 +5,7 @@
     init_checkpoint.txt   the run directory its weights started from, if any
     tokenizer/            the tokenizer its model reads (Hugging Face files): data of another
                           tokenizer is refused, and readers of the run need no other
+    selected.json         the checkpoint `flanjax select` chose: what readers of the run use
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ MODEL_FILE = "model.json"
 LORA_FILE = "lora.json"
 INIT_FILE = "init_checkpoint.txt"
 TOKENIZER_DIR = "tokenizer"
+SELECTED_FILE = "selected.json"
 
 
 class TokenizerMismatchError(FlanjaxError, ValueError):
@@ -117,8 +119,8 @@ def read_model_config(run_dir: str) -> TransformerConfig:
 
 
 def resolve_checkpoint(path: str) -> tuple[str, int]:
-    """(run directory, step) from a run directory (its latest checkpoint) or a step directory
-    (`<run>/checkpoints/<step>`)."""
+    """(run directory, step) from a run directory (the step `flanjax select` chose, else its
+    latest checkpoint) or a step directory (`<run>/checkpoints/<step>`)."""
     path = os.path.abspath(path)
     if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
         run_dir, step = os.path.dirname(os.path.dirname(path)), int(os.path.basename(path))
@@ -130,10 +132,22 @@ def resolve_checkpoint(path: str) -> tuple[str, int]:
             f"no checkpoints in {path}: give a training run directory (it holds checkpoints/) or "
             "one step of it (RUN/checkpoints/STEP)."
         )
-    step = Checkpointer(path, read_only=True).latest_step()
+    checkpointer = Checkpointer(path, read_only=True)
+    selected = read_selected_step(path)
+    if selected is not None and selected in checkpointer.all_steps():
+        return path, selected
+    step = checkpointer.latest_step()
     if step is None:
         raise CheckpointNotFoundError(f"{path}/checkpoints holds no finished checkpoint yet.")
     return path, step
+
+
+def read_selected_step(run_dir: str) -> int | None:
+    path = os.path.join(run_dir, SELECTED_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return int(json.load(f)["step"])
 
 
 def restore(checkpoint_path: str, partitioner: Partitioner) -> tuple[nnx.GraphDef, nnx.State, TransformerConfig]:

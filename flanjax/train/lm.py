@@ -19,7 +19,7 @@ from flax import nnx
 from rich.table import Table
 
 from flanjax.data.availability import check_datasets
-from flanjax.data.dialogue import DialogueError, DialogueFormat, dialogue_of, dialogue_stats, is_dialogue
+from flanjax.data.dialogue import DialogueError, DialogueFormat, dialogue_of, dialogue_stats, eot_id, is_dialogue
 from flanjax.data.pipeline import SeqioBatches, check_vocabulary, epoch_rows, get_task_or_mixture
 from flanjax.eval.evaluator import EvalConfig, Evaluator, TaskResult, flat_metrics
 from flanjax.eval.report import write_results
@@ -106,7 +106,9 @@ def train(
             model_def = nnx.split(nnx.eval_shape(lambda: new_model(model, lora)))[0]
             hooks["eval"] = evaluation_hook(Evaluator(evaluation, model=model, graphdef=model_def, partitioner=partitioner,
                                                       task_feature_lengths=task_feature_lengths,
-                                                      default_task=mixture_or_task_name), evaluations)  # fmt: skip
+                                                      default_task=mixture_or_task_name,
+                                                      stop_tokens=() if dialogue is None else (eot_id(vocabulary.tokenizer, dialogue),)),
+                                            evaluations)  # fmt: skip
         return hooks
 
     origin = None if init_checkpoint is None else resolve_checkpoint(init_checkpoint)
