@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Quiet TensorFlow's start-up chatter; seqio uses TF only for the input pipeline.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: quickstart quickstart-rlhf test bench bench-accelerator clean
+.PHONY: quickstart quickstart-rlhf quickstart-chat test bench bench-accelerator clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,18 @@ quickstart-rlhf: $(STAMP)
 	$(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart_rlhf_reward.gin
 	$(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart_rlhf_ppo.gin
 	$(PY) -m tasks.quickstart_rlhf report
+
+# Multi-turn SFT with LIMA's recipe from the quickstart's model: every reply trained vs the last only.
+CHAT_DIR := runs/quickstart_chat
+quickstart-chat: $(STAMP)
+	$(MAKE) quickstart
+	test -f $(CHAT_DIR)/base/model.gin || ( rm -rf $(CHAT_DIR)/hf $(CHAT_DIR)/base && \
+		$(VENV)/bin/flanjax convert to-hf --in runs/quickstart --out $(CHAT_DIR)/hf && \
+		$(VENV)/bin/flanjax convert from-hf --in $(CHAT_DIR)/hf --out $(CHAT_DIR)/base --add_tokens "<|eot|>" )
+	$(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart_chat.gin
+	$(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart_chat.gin --gin.MODEL_DIR="'$(CHAT_DIR)/last'" \
+		--gin.MIXTURE_OR_TASK_NAME="'quickstart_chat_last'"
+	$(PY) -m tasks.quickstart_chat report
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -331,7 +331,7 @@ def cmd_chat(args: argparse.Namespace, bindings: list[str]) -> int:
 
 
 def cmd_select(args: argparse.Namespace, bindings: list[str]) -> int:
-    from flanjax.eval import selection
+    from flanjax import selection
     from flanjax.sharding import Partitioner
 
     _import_modules(args.module)
@@ -347,7 +347,7 @@ def cmd_select(args: argparse.Namespace, bindings: list[str]) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, bindings: list[str]) -> int:
-    from flanjax.eval import selection
+    from flanjax import selection
     from flanjax.sharding import Partitioner
 
     _import_modules(args.module)

@@ -21,7 +21,7 @@ from flanjax.chat import Policy
 from flanjax.data.dialogue import Message, add_dialogue_task, eot_id
 from flanjax.data.vocab import HFVocabulary, train_tokenizer
 from flanjax.decode import SamplingConfig
-from flanjax.eval import selection
+from flanjax import selection
 from flanjax.rundir.checkpoint import Checkpointer
 from flanjax.rundir.files import resolve_checkpoint
 from flanjax.sharding import MeshConfig, Partitioner
