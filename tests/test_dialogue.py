@@ -276,3 +276,40 @@ def test_lima_recipe_trains_in_epochs_on_its_schedule_and_checkpoints_every_epoc
     assert json.loads((run / "dialogue.json").read_text())["eot"] == "<|eot|>"
     model = json.loads((run / "model.json").read_text())
     assert (model["residual_dropout"], model["residual_dropout_top"]) == (0.0, 0.3)
+
+
+def test_other_seqio_sources_read_through_record_to_conversation(tokenizer_dir, tokenizer):
+    import tensorflow as tf
+
+    from flanjax.data.dialogue import record_to_conversation
+
+    records = [{"messages": [{"role": m.role, "content": m.content} for m in CONVERSATION]}, {"prompt": "a", "response": "b"}]
+    source = seqio.FunctionDataSource(
+        lambda split, shuffle_files: tf.data.Dataset.from_tensor_slices({"record": [json.dumps(r) for r in records]}), splits=["train"]
+    )
+    name = f"test_dialogue_source_{uuid.uuid4().hex[:8]}"
+    task = add_dialogue_task(name, source, HFVocabulary(tokenizer_dir), preprocessors=[record_to_conversation("record")])
+    try:
+        examples = list(task.get_dataset(None, split="train", shuffle=False).as_numpy_iterator())
+        assert [(e["targets"].tolist(), (e["loss_mask"] - 1).tolist()) for e in examples] == [
+            render(parse_conversation(r), tokenizer) for r in records
+        ]
+    finally:
+        seqio.TaskRegistry.remove(name)
+
+
+def test_a_task_with_nothing_left_to_train_is_refused_before_training(tmp_path, tokenizer_dir, capsys):
+    from flanjax.cli import main
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"conversations": [" ".join(["colour"] * 80), "Blue."]}) + "\n" for _ in range(4)))
+    name = f"test_dialogue_empty_{uuid.uuid4().hex[:8]}"
+    add_dialogue_task(name, {"train": str(path)}, HFVocabulary(tokenizer_dir))
+    try:
+        code = main(["train", "--gin_file=configs/runs/lima.gin", "--gin_file=configs/models/tiny.gin", f"--gin.MODEL_DIR={tmp_path / 'run'}",
+                     f"--gin.MIXTURE_OR_TASK_NAME={name!r}", "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.BATCH_SIZE=8"])  # fmt: skip
+        assert code == 1
+        assert "none of its 4 conversations has a trained token within 32 tokens" in capsys.readouterr().err
+        assert not (tmp_path / "run" / "checkpoints").exists()
+    finally:
+        seqio.TaskRegistry.remove(name)
