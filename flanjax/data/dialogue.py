@@ -38,6 +38,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from flanjax.data.jsonl import read_jsonl
 from flanjax.data.vocab import HFVocabulary
 from flanjax.errors import FlanjaxError
 
@@ -120,17 +121,7 @@ def check_turns(messages: Sequence[Message], where: str, *, require_reply: bool 
 
 def read_conversations(path: str, *, require_reply: bool = True) -> list[list[Message]]:
     """Every conversation of a JSONL file, checked; errors name the file and line."""
-    conversations = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DialogueError(f"{where} is not JSON ({e.msg}); a JSONL file holds one JSON object per line.") from None
-            conversations.append(parse_conversation(record, where, require_reply=require_reply))
+    conversations = [parse_conversation(record, where, require_reply=require_reply) for where, record in read_jsonl(path, DialogueError)]
     if not conversations:
         raise DialogueError(f"{path} holds no conversations.")
     return conversations

@@ -27,6 +27,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from flanjax.data.jsonl import read_jsonl
 from flanjax.data.pipeline import SeqioBatches, decoder_prompt_tf, get_task_or_mixture
 from flanjax.errors import FlanjaxError
 
@@ -104,16 +105,8 @@ def read_comparisons(path: str, *, allow_ties: bool = True) -> Iterator[Comparis
     """The comparisons of a JSONL file, each validated; errors name the file and line."""
     if not os.path.exists(path):
         raise PreferenceDataError(f"preference file {path} does not exist; write one with `flanjax label`.")
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PreferenceDataError(f"{where}: not valid JSON ({e}).") from None
-            yield parse(record, allow_ties=allow_ties, where=where)
+    for where, record in read_jsonl(path, PreferenceDataError):
+        yield parse(record, allow_ties=allow_ties, where=where)
 
 
 def write_comparisons(path: str, comparisons: Sequence[Comparison]) -> str:
