@@ -15,6 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from flanjax import cli, config
+from flanjax.data.vocab import HFVocabulary
 from flanjax.rundir.metrics import read_metrics
 
 TINY_RUN = ["--gin_file=tests/tiny_run.gin"]
@@ -115,8 +116,9 @@ RUN_CONFIGS = sorted(glob.glob(os.path.join(config.REPO_ROOT, "configs", "runs",
 EVAL_CONFIG = os.path.join(config.REPO_ROOT, "configs", "runs", "eval.gin")
 
 
-# RLHF configs need an SFT run and preferences: test_rlhf trains them end to end.
-RLHF_CONFIGS = ("reward.gin", "ppo.gin", "ppo_lora.gin", "quickstart_rlhf_reward.gin", "quickstart_rlhf_ppo.gin")
+# RLHF configs need an SFT run and preferences: test_rlhf trains them end to end. The chat
+# quickstart's needs the quickstart's run, converted (`make quickstart-chat` does both).
+RLHF_CONFIGS = ("reward.gin", "ppo.gin", "ppo_lora.gin", "quickstart_rlhf_reward.gin", "quickstart_rlhf_ppo.gin", "quickstart_chat.gin")
 
 
 @pytest.mark.slow
@@ -130,6 +132,14 @@ def test_every_run_config_trains(path, tmp_path):
     if os.path.basename(path) == "sft.gin" or add_on:
         args += ["--gin_file=configs/models/tiny.gin", "--gin.MIXTURE_OR_TASK_NAME='quickstart'",
                  "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 16}"]  # fmt: skip
+    if os.path.basename(path) == "lima.gin":  # GAIR/lima's shape, a tokenizer with the end-of-turn token
+        tokenizer = HFVocabulary(os.environ["FLANJAX_TOKENIZER"]).tokenizer
+        tokenizer.add_tokens(["<|eot|>"], special_tokens=True)
+        tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+        (tmp_path / "train.jsonl").write_text('{"conversations": ["Sort 3 1 2.", "1 2 3", "The largest?", "3"]}\n' * 16)
+        args += ["--gin_file=configs/models/tiny.gin", "--gin.transformer.TransformerConfig.vocab_size=576",
+                 f"--gin.TOKENIZER='{tmp_path / 'tokenizer'}'", f"--gin.LIMA_DIR='{tmp_path}'",
+                 "--gin.TASK_FEATURE_LENGTHS={'targets': 64}", "--gin.EPOCHS=1"]  # fmt: skip
     if os.path.basename(path) == "quickstart.gin":
         args += ["--gin.evaluator.EvalConfig.num_examples=8", "--gin.evaluator.EvalConfig.batch_size=8"]
     mock = contextlib.nullcontext()

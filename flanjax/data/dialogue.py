@@ -7,7 +7,8 @@ turns alternating, ending (for training) on the assistant's. Three JSONL shapes 
     {"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}   Hugging Face
     {"prompt": ..., "response": ...}                                        one exchange
 
-and any message may carry `"train": false` (its reply is context, not learnt).
+and any message may carry `"train": false` (its reply is context, not learnt). Prompt files
+(`flanjax select`, `compare`) may end on a user turn, or be `{"prompt": ...}` alone.
 
 Rendering works on tokens, so masks never come from string differences:
 
@@ -19,10 +20,10 @@ Rendering works on tokens, so masks never come from string differences:
 Each trained reply's span runs from its first token through its end-of-turn token, so the
 model learns to stop. `add_dialogue_task` registers a seqio task whose examples are
 `targets` (the tokens) and `loss_mask` (2 on trained tokens, 1 elsewhere: never 0, which
-seqio's packer reads as padding), trimmed to the run's length;
-an example whose trimmed mask is empty is dropped (`dialogue_stats` counts them), and
-`DialogueFeatureConverter` turns them into the decoder features every trainer reads, packed
-with segment ids and restarting positions like seqio's own.
+seqio's packer reads as padding), trimmed to the run's length; an example whose trimmed
+mask is empty is dropped (`dialogue_stats` counts them). `DialogueFeatureConverter` turns
+them into the decoder features every trainer reads, packed with segment ids and restarting
+positions like seqio's own.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
@@ -86,14 +88,14 @@ def parse_conversation(record, where: str = "conversation", *, require_reply: bo
             if not isinstance(m["content"], str):
                 raise DialogueError(f"{where}: message {i}'s content is not a string.")
             messages.append(Message(m["role"], m["content"], bool(m.get("train", True))))
-    elif "prompt" in record and "response" in record:
-        messages = [Message("user", str(record["prompt"])), Message("assistant", str(record["response"]))]
+    elif "prompt" in record:  # without a response: a prompt to answer (refused for training below)
+        messages = [Message("user", str(record["prompt"]))] + ([Message("assistant", str(record["response"]))] if "response" in record else [])
         if record.get("system"):
             messages.insert(0, Message("system", str(record["system"])))
     else:
         raise DialogueError(
             f"{where}: no conversation found (keys {sorted(record)}); give 'conversations' (alternating strings), "
-            "'messages' (role/content objects) or 'prompt' and 'response'."
+            "'messages' (role/content objects) or 'prompt' (and 'response')."
         )
     check_turns(messages, where, require_reply=require_reply)
     return messages
@@ -362,6 +364,28 @@ def _conversations(task: seqio.Task, split: str) -> Iterable[dict]:
             break
         ds = step(ds)
     return ds.as_numpy_iterator()
+
+
+def check_conversations(name: str, length: int) -> tuple[DialogueFormat, dict[str, float]]:
+    """The dialogue tasks' rendering, and their training split counted (conversations trimmed
+    to `length` tokens, dropped for want of a trained token): a task that keeps none is an error."""
+    formats, totals = set(), {}
+    for task in seqio.get_subtasks(seqio.get_mixture_or_task(name)):
+        formats.add(dialogue_of(task)[1])
+        stats = dialogue_stats(task, "train", length)
+        if stats.dropped == stats.conversations:
+            raise DialogueError(
+                f"task {task.name!r}: none of its {stats.conversations} conversations has a trained token within "
+                f"{length} tokens (prompts longer than the length, or no assistant reply to learn). Raise "
+                "TASK_FEATURE_LENGTHS['targets'], or train on more replies (turns='all', no train=false)."
+            )
+        if stats.dropped or stats.trimmed:
+            logging.warning("%s: %d of %d conversations trimmed to %d tokens, %d dropped (no reply left to train)",
+                            task.name, stats.trimmed, stats.conversations, length, stats.dropped)  # fmt: skip
+        totals = {k: totals.get(k, 0.0) + v for k, v in stats.metrics().items()}
+    if len(formats) > 1:
+        raise DialogueError(f"{name!r} mixes dialogue formats ({formats}); a model chats in one.")
+    return formats.pop(), totals
 
 
 class DialogueFeatureConverter(seqio.FeatureConverter):

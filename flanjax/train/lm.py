@@ -14,13 +14,12 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
-import seqio
 from flax import nnx
 from rich.table import Table
 
 from flanjax.data.availability import check_datasets
-from flanjax.data.dialogue import DialogueError, DialogueFormat, dialogue_of, dialogue_stats, eot_id, is_dialogue
-from flanjax.data.pipeline import SeqioBatches, check_vocabulary, epoch_rows, get_task_or_mixture
+from flanjax.data.dialogue import check_conversations, eot_id, is_dialogue
+from flanjax.data.pipeline import SeqioBatches, check_vocabulary, epoch_rows
 from flanjax.eval.evaluator import EvalConfig, Evaluator, TaskResult, flat_metrics
 from flanjax.eval.report import write_results
 from flanjax.models.lora import LoraConfig, num_adapter_params
@@ -140,28 +139,6 @@ def train(
     if jax.process_index() == 0:
         _print_eval_table(result)
     return result
-
-
-def check_conversations(name: str, length: int) -> tuple[DialogueFormat, dict[str, float]]:
-    """The dialogue tasks' rendering, and their training split counted (conversations trimmed
-    to `length` tokens, dropped for want of a trained token): a task that keeps none is an error."""
-    formats, totals = set(), {}
-    for task in seqio.get_subtasks(get_task_or_mixture(name)):
-        formats.add(dialogue_of(task)[1])
-        stats = dialogue_stats(task, "train", length)
-        if stats.dropped == stats.conversations:
-            raise DialogueError(
-                f"task {task.name!r}: none of its {stats.conversations} conversations has a trained token within "
-                f"{length} tokens (prompts longer than the length, or no assistant reply to learn). Raise "
-                "TASK_FEATURE_LENGTHS['targets'], or train on more replies (turns='all', no train=false)."
-            )
-        if stats.dropped or stats.trimmed:
-            console.print(f"{task.name}: {stats.trimmed} of {stats.conversations} conversations trimmed to {length} tokens, "
-                          f"{stats.dropped} dropped (no reply left to train)")  # fmt: skip
-        totals = {k: totals.get(k, 0.0) + v for k, v in stats.metrics().items()}
-    if len(formats) > 1:
-        raise DialogueError(f"{name!r} mixes dialogue formats ({formats}); a model chats in one.")
-    return formats.pop(), totals
 
 
 def _trained(model: TransformerConfig, lora: LoraConfig | None) -> str:
