@@ -13,11 +13,13 @@ import subprocess
 import sys
 import uuid
 
+import gin
 import numpy as np
 import pytest
 import seqio
 
 from flanjax.chat import Policy
+from flanjax.cli import main
 from flanjax.data.dialogue import Message, add_dialogue_task, eot_id
 from flanjax.data.vocab import HFVocabulary, train_tokenizer
 from flanjax.decode import SamplingConfig
@@ -45,7 +47,7 @@ def _conversation(rng) -> dict:
 
 @pytest.fixture(scope="module")
 def dialogue_run(tmp_path_factory):
-    from flanjax.cli import main
+    gin.clear_config(clear_constants=True)  # a fresh configuration, as the command line starts with
 
     root = tmp_path_factory.mktemp("chat")
     tokenizer = train_tokenizer([" ".join(WORDS)] * 10, 300)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import uuid
 
-import jax
+import gin
 import numpy as np
 import pytest
 import seqio
 from flax import nnx
 
+from flanjax.cli import main
 from flanjax.data.dialogue import (
     DialogueError, DialogueFeatureConverter, DialogueFormat, EndOfTurnTokenError, Message, add_dialogue_task,
     dialogue_stats, parse_conversation, prompt_ids, read_conversations, render,
@@ -257,7 +258,7 @@ def test_dialogue_tasks_get_their_converter(dialogue_task):
 
 
 def test_lima_recipe_trains_in_epochs_on_its_schedule_and_checkpoints_every_epoch(tmp_path, dialogue_task):
-    from flanjax.cli import main
+    gin.clear_config(clear_constants=True)  # a fresh configuration, as the command line starts with
     from flanjax.rundir.checkpoint import Checkpointer
     from flanjax.rundir.metrics import read_metrics
 
@@ -299,7 +300,7 @@ def test_other_seqio_sources_read_through_record_to_conversation(tokenizer_dir, 
 
 
 def test_a_task_with_nothing_left_to_train_is_refused_before_training(tmp_path, tokenizer_dir, capsys):
-    from flanjax.cli import main
+    gin.clear_config(clear_constants=True)  # a fresh configuration, as the command line starts with
 
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps({"conversations": [" ".join(["colour"] * 80), "Blue."]}) + "\n" for _ in range(4)))
