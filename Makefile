@@ -43,8 +43,9 @@ quickstart-chat: $(STAMP)
 		--gin.MIXTURE_OR_TASK_NAME="'quickstart_chat_last'"
 	$(PY) -m tasks.quickstart_chat report
 
+# Two test processes (pytest-xdist): about 19 minutes on 2 cores, against 29 in one.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 # On a GPU or TPU host: JAX's plugin for the chip, then llama_1b's bfloat16 step, decoding and PPO.
 bench-accelerator: $(STAMP)

@@ -20,7 +20,7 @@ import gin
 import seqio
 
 from flanjax.data.dialogue import add_dialogue_task
-from flanjax.data.vocab import DEFAULT_VOCABULARY
+from flanjax.data.vocab import HFVocabulary, default_tokenizer
 
 
 @gin.configurable
@@ -33,5 +33,8 @@ def lima_dir(path: str | None = None) -> str:
     return path
 
 
+# The run's TOKENIZER (a converted model's model.gin sets it), read when the task is first used.
+VOCABULARY = HFVocabulary(default_tokenizer)
+
 if "lima" not in seqio.TaskRegistry.names():
-    add_dialogue_task("lima", {"train": lambda: os.path.join(lima_dir(), "train.jsonl")}, DEFAULT_VOCABULARY)
+    add_dialogue_task("lima", {"train": lambda: os.path.join(lima_dir(), "train.jsonl")}, VOCABULARY)
