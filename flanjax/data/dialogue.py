@@ -366,10 +366,10 @@ def _conversations(task: seqio.Task, split: str) -> Iterable[dict]:
     return ds.as_numpy_iterator()
 
 
-def check_conversations(name: str, length: int) -> tuple[DialogueFormat, dict[str, float]]:
+def check_conversations(name: str, task_feature_lengths: Mapping[str, int]) -> tuple[DialogueFormat, dict[str, float]]:
     """The dialogue tasks' rendering, and their training split counted (conversations trimmed
-    to `length` tokens, dropped for want of a trained token): a task that keeps none is an error."""
-    formats, totals = set(), {}
+    to the `targets` length, dropped for want of a trained token): a task that keeps none is an error."""
+    formats, totals, length = set(), {}, task_feature_lengths["targets"]
     for task in seqio.get_subtasks(seqio.get_mixture_or_task(name)):
         formats.add(dialogue_of(task)[1])
         stats = dialogue_stats(task, "train", length)

@@ -141,10 +141,12 @@ def decoder_converter(pack: bool, name: str | None = None) -> seqio.FeatureConve
     return seqio.DecoderFeatureConverter(pack=pack, loss_on_targets_only=True)
 
 
-def epoch_rows(name: str, task_feature_lengths: Mapping[str, int], pack: bool, split: str = "train") -> int:
-    """Rows (examples, or packed rows) in one pass over a split: one read of the data."""
+def steps_per_epoch(name: str, task_feature_lengths: Mapping[str, int], pack: bool, batch_size: int, split: str = "train") -> tuple[int, int]:
+    """(rows, steps of `batch_size` rows) in one pass over a split (rows: examples, or packed
+    rows), counted by reading the data once."""
     once = SeqioBatches(name, task_feature_lengths, 1, split=split, shuffle=False, pack=pack, num_epochs=1, shard_index=0, num_shards=1)
-    return sum(1 for _ in once)
+    rows = sum(1 for _ in once)
+    return rows, max(rows // batch_size, 1)
 
 
 def model_feature_lengths(task_feature_lengths: Mapping[str, int], pack: bool) -> dict[str, int]:

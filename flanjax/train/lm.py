@@ -19,7 +19,7 @@ from rich.table import Table
 
 from flanjax.data.availability import check_datasets
 from flanjax.data.dialogue import check_conversations, eot_id, is_dialogue
-from flanjax.data.pipeline import SeqioBatches, check_vocabulary, epoch_rows
+from flanjax.data.pipeline import SeqioBatches, check_vocabulary, steps_per_epoch
 from flanjax.eval.evaluator import EvalConfig, Evaluator, TaskResult, flat_metrics
 from flanjax.eval.report import write_results
 from flanjax.models.lora import LoraConfig, num_adapter_params
@@ -78,18 +78,15 @@ def train(
     vocabulary = check_vocabulary(mixture_or_task_name, model.vocab_size)
     # Before compiling: a missing dataset fails now, not at the first batch or evaluation.
     check_datasets(mixture_or_task_name, evaluation and evaluation.mixture_or_task_name)
-    dialogue, data_metrics = None, {}
-    if is_dialogue(mixture_or_task_name):
-        dialogue, data_metrics = check_conversations(mixture_or_task_name, task_feature_lengths["targets"])
+    dialogue, data_metrics = check_conversations(mixture_or_task_name, task_feature_lengths) if is_dialogue(mixture_or_task_name) else (None, {})
     if epochs is not None:
-        rows = epoch_rows(mixture_or_task_name, task_feature_lengths, pack)
-        per_epoch = max(rows // batch_size, 1)
+        rows, per_epoch = steps_per_epoch(mixture_or_task_name, task_feature_lengths, pack, batch_size)
         console.print(f"One epoch: {rows} rows = {per_epoch} steps of {batch_size}; {epochs} epochs = {epochs * per_epoch} steps")
         loop = dataclasses.replace(loop, num_steps=epochs * per_epoch)
-        if checkpoint_every_epoch:
-            checkpoint = dataclasses.replace(checkpoint, every_steps=per_epoch)
+        checkpoint = dataclasses.replace(checkpoint, every_steps=per_epoch) if checkpoint_every_epoch else checkpoint
     elif loop.num_steps is None:
         raise ValueError("give the training length: TRAIN_STEPS (loop.LoopConfig.num_steps) or lm.train.epochs.")
+    stops = () if dialogue is None else (eot_id(vocabulary.tokenizer, dialogue),)  # decoding ends a reply there
     batches = SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process, seed=seed, pack=pack, shuffle=shuffle)
     loss = lm_loss(z_loss, loss_chunk_size)
     evaluations: dict[int, dict[str, TaskResult]] = {}
@@ -105,9 +102,7 @@ def train(
             model_def = nnx.split(nnx.eval_shape(lambda: new_model(model, lora)))[0]
             hooks["eval"] = evaluation_hook(Evaluator(evaluation, model=model, graphdef=model_def, partitioner=partitioner,
                                                       task_feature_lengths=task_feature_lengths,
-                                                      default_task=mixture_or_task_name,
-                                                      stop_tokens=() if dialogue is None else (eot_id(vocabulary.tokenizer, dialogue),)),
-                                            evaluations)  # fmt: skip
+                                                      default_task=mixture_or_task_name, stop_tokens=stops), evaluations)  # fmt: skip
         return hooks
 
     origin = None if init_checkpoint is None else resolve_checkpoint(init_checkpoint)
