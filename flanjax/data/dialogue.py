@@ -416,7 +416,7 @@ class DialogueFeatureConverter(seqio.FeatureConverter):
             out = {
                 "decoder_target_tokens": features["targets"],
                 "decoder_input_tokens": seqio.utils.make_autoregressive_inputs(features["targets"], sequence_id=segments),
-                "decoder_loss_weights": tf.cast(features["loss_mask"] == 2, tf.int32),
+                "decoder_loss_weights": self._loss_weights(features["loss_mask"]),
             }
             if self.pack:
                 out["decoder_segment_ids"] = segments
@@ -424,6 +424,10 @@ class DialogueFeatureConverter(seqio.FeatureConverter):
             return out
 
         return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+    @staticmethod
+    def _loss_weights(mask: tf.Tensor) -> tf.Tensor:
+        return tf.cast(mask == 2, tf.int32)
 
     def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
         length = task_feature_lengths["targets"]

@@ -31,6 +31,7 @@ import seqio
 import tensorflow as tf
 
 from flanjax.data.dialogue import DialogueFeatureConverter, is_dialogue
+from flanjax.data.weighted import WeightedFeatureConverter, is_weighted
 from flanjax.errors import FlanjaxError
 
 
@@ -135,9 +136,11 @@ def check_vocabulary(name: str, model_vocab_size: int) -> seqio.Vocabulary:
 
 def decoder_converter(pack: bool, name: str | None = None) -> seqio.FeatureConverter:
     """seqio's decoder converter (loss on targets), or for dialogue tasks `name` the converter
-    of their per-token loss masks."""
+    of their per-token loss masks, or for weighted tasks (`data.weighted`) theirs."""
     if name is not None and is_dialogue(name):
         return DialogueFeatureConverter(pack=pack)
+    if name is not None and is_weighted(seqio.get_subtasks(get_task_or_mixture(name))[0]):
+        return WeightedFeatureConverter(pack=pack)
     return seqio.DecoderFeatureConverter(pack=pack, loss_on_targets_only=True)
 
 
