@@ -72,6 +72,13 @@ ITEMS = {
     "phone": _SMALL, "keys": _SMALL + ("on shoe rack",), "glasses": _SMALL,
 }  # fmt: skip
 
+PLURAL = {"keys", "glasses", "clothes", "shoes"}  # "The keys are ...", not "is"
+
+
+def be(name: str) -> str:
+    return "are" if name in PLURAL else "is"
+
+
 CLASSES: tuple[str, ...] = (*ROOMS, *(f for room in ROOMS for f in FURNITURE[room]), *ITEMS)
 CLASS_IDS = {name: i for i, name in enumerate(CLASSES)}
 NUM_ROOM_CLASSES, NUM_FURNITURE_CLASSES = len(ROOMS), sum(map(len, FURNITURE.values()))
@@ -373,22 +380,18 @@ def action_text(home: Home, verb: int, a: int, b: int) -> str:
 def describe(home: Home, state: State, entities) -> list[str]:
     """Sentences stating the conditions of `entities`: where each item is, whether each
     openable is open and each switchable on ("The cup is in the kitchen cabinet.")."""
-    name = lambda e: CLASSES[int(home.cls[e])]  # noqa: E731
     sentences = []
     for e in entities:
         cls = int(home.cls[e])
+        name = CLASSES[cls]
         if is_item(cls):
-            if bool(state.held[e]):
-                sentences.append(f"The {name(e)} is in hand.")
-            else:
-                where = "in" if bool(state.inside[e]) else "on"
-                sentences.append(f"The {name(e)} is {where} the {name(int(state.holder[e]))}.")
+            where = "in hand" if bool(state.held[e]) else f"{'in' if bool(state.inside[e]) else 'on'} the {CLASSES[int(home.cls[state.holder[e]])]}"
+            sentences.append(f"The {name} {be(name)} {where}.")
         if PROPERTIES[cls, OPENABLE]:
-            sentences.append(f"The {name(e)} is {'open' if bool(state.opened[e]) else 'closed'}.")
+            sentences.append(f"The {name} is {'open' if bool(state.opened[e]) else 'closed'}.")
         if PROPERTIES[cls, SWITCHABLE]:
-            sentences.append(f"The {name(e)} is {'on' if bool(state.on[e]) else 'off'}.")
+            sentences.append(f"The {name} is {'on' if bool(state.on[e]) else 'off'}.")
     return sentences
-
 
 # --- planning problems ------------------------------------------------------------------------
 
