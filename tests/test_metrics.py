@@ -465,3 +465,50 @@ def test_plot_metrics_writes_a_png(tmp_path):
     png = plot_metrics(str(path), str(tmp_path / "loss.png"), hlines={"target": 1.0})
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# --- E2WM object path tracking and perplexity -------------------------------------------------
+
+
+def _brute_force_run(a: list, b: list) -> int:
+    """The longest sublist a[i:j] found anywhere in b as a contiguous run."""
+    sublists = (a[i:j] for i in range(len(a)) for j in range(i + 1, len(a) + 1))
+    return max((len(s) for s in sublists if any(b[k : k + len(s)] == s for k in range(len(b)))), default=0)
+
+
+def test_longest_common_run_matches_brute_force():
+    rng = random.Random(0)
+    for _ in range(2000):
+        a, b = ([rng.choice("abc") for _ in range(rng.randint(0, 7))] for _ in range(2))
+        assert metrics.longest_common_run(a, b) == _brute_force_run(a, b), (a, b)
+
+
+def test_object_path_matches_brute_force():
+    rng = random.Random(1)
+    rooms = ["kitchen", "bedroom", "home office", "hallway"]
+    targets, predictions, expected = [], [], []
+    for _ in range(300):
+        a, b = rng.sample(rooms * 2, rng.randint(1, 5)), rng.sample(rooms * 2, rng.randint(0, 5))
+        targets.append(", ".join(a))
+        predictions.append(" ,".join(r.upper() if rng.random() < 0.3 else r for r in b) + rng.choice(["", ".", " \n"]))
+        expected.append(_brute_force_run(a, b) / max(len(a), len(b)))
+    assert metrics.object_path(targets, predictions)["object_path"] == pytest.approx(100 * np.mean(expected), abs=TOL)
+
+
+def test_object_path_parsing_and_examples():
+    assert metrics.parse_rooms(" Kitchen,  Home   Office , hallway. ") == ["kitchen", "home office", "hallway"]
+    assert metrics.parse_rooms("") == [] and metrics.parse_rooms(" , .") == []
+    # A run of 2 (bedroom, hallway) over the longer list's 4 rooms; an exact path; nothing in common.
+    score = metrics.object_path(
+        ["kitchen, bedroom, hallway", "bathroom, dining room", "kitchen"], ["bedroom, hallway, bathroom, kitchen", "Bathroom, dining  room", ""]
+    )  # fmt: skip
+    assert score == {"object_path": pytest.approx(100 * (0.5 + 1.0 + 0.0) / 3)}
+
+
+def test_perplexity_is_exp_of_the_mean_token_loss():
+    counts, scores = [3, 1, 4], [-6.0, -1.5, -4.5]
+    assert metrics.perplexity(counts, scores) == {"perplexity": pytest.approx(np.exp(12 / 8)), "token_loss": pytest.approx(1.5)}
+    assert metrics.target_token_count(-2.5, example=None, is_target=False) == -2.5
+    assert metrics.target_token_count("a b", example={"targets": np.array([5, 6, 1])}, is_target=True) == 3
+    with pytest.raises(ValueError, match="no tokens"):
+        metrics.perplexity([0], [0.0])

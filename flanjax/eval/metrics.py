@@ -3,7 +3,8 @@
 They compute what T5's evaluation library computes (FLAN reports with it), on top of the
 packages that do the work: sacrebleu (BLEU), rouge-score (ROUGE), scikit-learn (F1),
 scipy (correlations). Targets may hold several references per example where a metric
-takes the best over them (BLEU, ROUGE, SQuAD).
+takes the best over them (BLEU, ROUGE, SQuAD). Besides T5's: E2WM's object path score, and
+perplexity, a scoring metric fn(targets, scores) and the one value not in percent.
 """
 
 from __future__ import annotations
@@ -132,3 +133,59 @@ def pearson_corrcoef(targets: Sequence[float], predictions: Sequence[float]) -> 
 def spearman_corrcoef(targets: Sequence[float], predictions: Sequence[float]) -> dict[str, float]:
     _check(targets, predictions)
     return {"spearman_corrcoef": 100.0 * float(scipy.stats.spearmanr(targets, predictions)[0])}
+
+
+# --- E2WM: object path tracking -------------------------------------------------------------
+
+
+def parse_rooms(text: str) -> list[str]:
+    """"Kitchen,  home office, hallway." -> ["kitchen", "home office", "hallway"]: split at
+    commas, lower case, single spaces, a final full stop and empty items dropped."""
+    rooms = (" ".join(room.lower().split()) for room in text.strip().rstrip(".").split(","))
+    return [room for room in rooms if room]
+
+
+def longest_common_run(a: Sequence, b: Sequence) -> int:
+    """Length of the longest contiguous run that `a` and `b` share (dynamic programming over
+    run lengths ending at each pair of positions)."""
+    best, previous = 0, [0] * (len(b) + 1)
+    for x in a:
+        current = [0] * (len(b) + 1)
+        for j, y in enumerate(b, 1):
+            if x == y:
+                current[j] = previous[j - 1] + 1
+                best = max(best, current[j])
+        previous = current
+    return best
+
+
+def object_path(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    """E2WM's object path tracking score: the longest common contiguous run of the target and
+    predicted room lists over the longer list's length, averaged (two empty lists agree)."""
+    _check(targets, predictions)
+    scores = []
+    for target, prediction in zip(targets, predictions):
+        a, b = parse_rooms(target), parse_rooms(prediction)
+        scores.append(longest_common_run(a, b) / max(len(a), len(b)) if a or b else 1.0)
+    return {"object_path": 100.0 * float(np.mean(scores))}
+
+
+# --- perplexity -----------------------------------------------------------------------------
+
+
+def target_token_count(output, example=None, is_target: bool = False):
+    """seqio postprocess_fn of a perplexity task: a target -> its number of tokens (those the
+    model scores, EOS included when the feature adds it); scores pass through."""
+    return len(example["targets"]) if is_target else output
+
+
+def perplexity(targets: Sequence[int], scores: Sequence[float]) -> dict[str, float]:
+    """exp of the mean token loss over all target tokens (`targets`: token counts from
+    `target_token_count`; `scores`: each text's summed log-likelihood). Not a percentage:
+    lower is better, and the mean is over tokens, so long texts weigh more."""
+    _check(targets, scores)
+    tokens = sum(targets)
+    if not tokens:
+        raise ValueError("perplexity over no tokens: every target is empty.")
+    loss = -float(np.sum(np.asarray(scores, np.float64))) / tokens
+    return {"perplexity": float(np.exp(loss)), "token_loss": loss}
