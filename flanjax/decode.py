@@ -6,8 +6,9 @@ it in training (`decoder_prompt`) and seqio's decoder features built from NumPy 
 (`decoder_features`).
 
 `generate` continues a batch of prompts with the KV cache inside one `jax.lax.while_loop`
-(no Python per token): greedy, or temperature sampling with top-k / top-p filtering, either
-with Hugging Face's repetition penalty, stopping each row at EOS or any extra stop token.
+(no Python per token): greedy, temperature sampling with top-k / top-p filtering, or beam
+search as Hugging Face's (`num_beams`, `length_penalty`), each with Hugging Face's repetition
+penalty, stopping each row (or hypothesis) at EOS or any extra stop token.
 `score` returns the log-likelihood of given continuations, per token and summed: rank
 classification, the reward model and PPO use it. Both are jitted, so under
 `Partitioner.activate()` with batch-sharded inputs they run sharded on the mesh like the
@@ -33,6 +34,10 @@ from flanjax.models.transformer import KVCache, TransformerConfig
 
 
 class SequenceTooLongError(FlanjaxError, ValueError):
+    pass
+
+
+class SamplingConfigError(FlanjaxError, ValueError):
     pass
 
 
@@ -86,6 +91,10 @@ class SamplingConfig:
     # by this if positive, multiplied if negative, before the above. 1: off; LIMA decodes with 1.2.
     repetition_penalty: float = 1.0
     stop_tokens: tuple[int, ...] = ()  # besides EOS, e.g. an end-of-turn token
+    # > 1: beam search (deterministic, so temperature 0), returning the best of `num_beams`
+    # hypotheses by sum of log-probabilities / length ** length_penalty (> 0 favours longer ones).
+    num_beams: int = 1
+    length_penalty: float = 1.0
     # int8 weights ("int8"), or weights and activations ("int8_dynamic"), each with an int8 KV
     # cache: `models.quantize`.
     quantize: Mode = "none"
@@ -93,11 +102,18 @@ class SamplingConfig:
     def __post_init__(self):
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))  # gin gives lists
         if self.quantize not in MODES:
-            raise ValueError(f"quantize={self.quantize!r} is not one of {', '.join(MODES)}.")
+            raise SamplingConfigError(f"quantize={self.quantize!r} is not one of {', '.join(MODES)}.")
         if self.max_new_tokens < 1 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"invalid {self}: need max_new_tokens >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1.")
+            raise SamplingConfigError(f"invalid {self}: need max_new_tokens >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1.")
         if not self.repetition_penalty > 0:
-            raise ValueError(f"invalid {self}: need repetition_penalty > 0 (1: off).")
+            raise SamplingConfigError(f"invalid {self}: need repetition_penalty > 0 (1: off).")
+        if self.num_beams < 1 or not np.isfinite(self.length_penalty):
+            raise SamplingConfigError(f"invalid {self}: need num_beams >= 1 (1: no beam search) and a finite length_penalty.")
+        if self.num_beams > 1 and self.temperature != 0:
+            raise SamplingConfigError(
+                f"num_beams={self.num_beams} with temperature={self.temperature}: beam search keeps the likeliest "
+                "hypotheses and samples nothing. Set temperature=0 (--temperature 0), or num_beams=1 to sample."
+            )
 
 
 class Generation(NamedTuple):
@@ -158,15 +174,18 @@ def generate(
     config: SamplingConfig = SamplingConfig(),
     seed: int | jax.Array = 0,
 ) -> Generation:
-    """Continues each prompt by up to `config.max_new_tokens` tokens (seeded)."""
+    """Continues each prompt by up to `config.max_new_tokens` tokens (seeded), or with
+    `config.num_beams > 1` returns each prompt's best beam."""
     check_length(nnx.merge(graphdef, state).config, prompts.shape[1], config.max_new_tokens)
+    if config.num_beams > 1:
+        return _beam_search(graphdef, state, prompts, prompt_lengths, config=config, eos_id=eos_id)
     rng = jax.random.key(seed) if isinstance(seed, int) else seed
     return _generate(graphdef, state, prompts, prompt_lengths, rng, config=config, eos_id=eos_id)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "eos_id"))
-def _generate(graphdef, state, prompts, prompt_lengths, rng, *, config: SamplingConfig, eos_id: int) -> Generation:
-    model = quantize(nnx.merge(graphdef, state), config.quantize)  # once, before the loop
+def _prefill(model, prompts, prompt_lengths, config: SamplingConfig):
+    """Writes the prompts into a fresh cache with room for the new tokens. Returns the prompts
+    as written (tokens, segments [b, p]), the hidden state after each prompt [b, d] and the cache."""
     b, p = prompts.shape
     # Left-align the prompts so that every row writes the same cache slot at each step:
     # row r's prompt moves to the last prompt_lengths[r] slots; padding gets segment 0.
@@ -177,12 +196,25 @@ def _generate(graphdef, state, prompts, prompt_lengths, rng, *, config: Sampling
     positions = jnp.maximum(slots - pad, 0)
     cache = KVCache.empty(model.config, b, p + config.max_new_tokens, quantized=config.quantize != "none")
     hidden, cache = model(tokens, positions, segments, cache=cache, return_hidden=True)
+    return tokens, segments, hidden[:, -1], cache
+
+
+def _seen(tokens, segments, vocab_size: int) -> jax.Array:
+    """[b, v]: which tokens each row's prompt holds (padding excluded), for the repetition penalty."""
+    return jnp.zeros((tokens.shape[0], vocab_size), bool).at[jnp.arange(tokens.shape[0])[:, None], tokens].max(segments > 0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "eos_id"))
+def _generate(graphdef, state, prompts, prompt_lengths, rng, *, config: SamplingConfig, eos_id: int) -> Generation:
+    model = quantize(nnx.merge(graphdef, state), config.quantize)  # once, before the loop
+    b = prompts.shape[0]
+    tokens, segments, hidden, cache = _prefill(model, prompts, prompt_lengths, config)
     stops = jnp.asarray((eos_id, *config.stop_tokens), jnp.int32)
     penalty = config.repetition_penalty
-    # The tokens each row holds so far (padding excluded), for the repetition penalty; None
-    # without one, so the default loop carries nothing extra.
-    rows = jnp.arange(b)[:, None]
-    seen = None if penalty == 1.0 else jnp.zeros((b, model.config.vocab_size), bool).at[rows, tokens].max(segments > 0)
+    # The tokens each row holds so far, for the repetition penalty; None without one, so the
+    # default loop carries nothing extra.
+    rows = jnp.arange(b)
+    seen = None if penalty == 1.0 else _seen(tokens, segments, model.config.vocab_size)
 
     def emit(i, logits, out, lengths, done, seen):
         if seen is not None:
@@ -190,7 +222,7 @@ def _generate(graphdef, state, prompts, prompt_lengths, rng, *, config: Sampling
         token = jnp.where(done, 0, next_token(logits, jax.random.fold_in(rng, i), config))
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
         if seen is not None:
-            seen = seen.at[rows[:, 0], token].max(~done)
+            seen = seen.at[rows, token].max(~done)
         return token, out, lengths + ~done, done | jnp.isin(token, stops), seen
 
     def cond(carry):
@@ -204,9 +236,100 @@ def _generate(graphdef, state, prompts, prompt_lengths, rng, *, config: Sampling
         return i + 1, token, cache, out, lengths, done, seen
 
     out = jnp.zeros((b, config.max_new_tokens), jnp.int32)
-    token, out, lengths, done, seen = emit(0, model.logits(hidden[:, -1]), out, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), seen)
+    token, out, lengths, done, seen = emit(0, model.logits(hidden), out, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), seen)
     _, _, _, out, lengths, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, out, lengths, done, seen))
     return Generation(out, lengths)
+
+
+class _Beams(NamedTuple):
+    """Beam search's state, per prompt: the `n` running hypotheses (best first) and the `n`
+    best finished ones. Cache and `seen` rows are [b * n], prompt r's beams at r*n .. r*n + n - 1."""
+
+    scores: jax.Array  # [b, n] sum of log-probabilities of the running hypotheses
+    tokens: jax.Array  # [b, n, max_new_tokens] their tokens, 0 after the last
+    cache: KVCache
+    seen: jax.Array | None  # [b * n, v] for the repetition penalty, else None
+    done_scores: jax.Array  # [b, n] finished: length-penalised score; -1e9 in an empty slot
+    done_tokens: jax.Array  # [b, n, max_new_tokens]
+    done_lengths: jax.Array  # [b, n]
+    done: jax.Array  # [b, n] whether a slot holds a finished hypothesis
+    open: jax.Array  # [b] whether the prompt may still improve (Hugging Face's early-stop heuristic)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "eos_id"))
+def _beam_search(graphdef, state, prompts, prompt_lengths, *, config: SamplingConfig, eos_id: int) -> Generation:
+    """Hugging Face transformers' beam search (5.x, `early_stopping=False`, its default), step
+    for step: each step keeps the best `k` continuations of all beams by summed log-probability
+    (after the repetition penalty); those among the first `n` that end in a stop token, and at
+    the last step all of the first `n`, become finished hypotheses scored by sum / length **
+    length_penalty; the best `n` that do not stop run on. A prompt stops improving once all `n`
+    finished slots are full and its best running beam, penalised at its current length, is no
+    better than the worst of them; the loop ends when all have. Returns the best finished one."""
+    model = quantize(nnx.merge(graphdef, state), config.quantize)
+    b, n, new = prompts.shape[0], config.num_beams, config.max_new_tokens
+    v = model.config.vocab_size
+    stops = {eos_id, *config.stop_tokens}
+    k = max(2, 1 + len(stops)) * n  # as Hugging Face (per EOS id): enough that `n` do not stop
+    stops = jnp.asarray(tuple(stops), jnp.int32)
+    never = -1e9  # Hugging Face's "impossible" score, added the same way so float32 sums agree
+    # length ** length_penalty for lengths 1..new, computed in float64 then rounded, as torch
+    # divides a float32 tensor by a Python float.
+    norm = jnp.asarray(np.arange(1, new + 1, dtype=np.float64) ** config.length_penalty, jnp.float32)
+    first_n = jnp.arange(k) < n
+    block = jnp.arange(b)[:, None] * n  # each prompt's first beam row
+    penalty = config.repetition_penalty
+    take = lambda x, index: jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+
+    def step(i, logits, beams: _Beams) -> _Beams:
+        log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [b * n, v]
+        if beams.seen is not None:  # Hugging Face penalises log-probabilities in beam search
+            log_p = penalize_repetition(log_p, beams.seen, penalty)
+        log_p = (log_p.reshape(b, n, v) + beams.scores[:, :, None]).reshape(b, n * v)
+        top, index = jax.lax.top_k(log_p, k)  # [b, k], best first
+        parent, token = index // v, (index % v).astype(jnp.int32)
+        tokens = take(beams.tokens, parent).at[:, :, i].set(token)  # [b, k, new]
+        stopped = jnp.isin(token, stops) | (i == new - 1)  # Hugging Face's stopping criteria: stop token, max length
+        # The best `n` that did not stop run on.
+        running = top + stopped * never
+        keep = jax.lax.top_k(running, n)[1]
+        scores, parent, tokens_kept = take(running, keep), take(parent, keep), take(tokens, keep)
+        rows = (block + parent).reshape(-1)
+        seen = beams.seen
+        if seen is not None:
+            seen = seen[rows].at[jnp.arange(b * n), tokens_kept[:, :, i].reshape(-1)].set(True)
+        # Those among the first `n` that stopped compete with the finished ones, while the prompt is open.
+        finished = stopped & first_n
+        candidates = top / norm[i] + ~beams.open[:, None] * never + ~finished * never
+        merged = jnp.concatenate([beams.done_scores, candidates], axis=1)
+        best = jax.lax.top_k(merged, n)[1]
+        merge = lambda old, fresh: take(jnp.concatenate([old, fresh], axis=1), best)  # noqa: E731
+        done_scores = take(merged, best)
+        done = merge(beams.done, finished)
+        worst = jnp.where(done, done_scores.min(axis=1, keepdims=True), never)
+        open_ = beams.open & (scores[:, :1] / norm[i] > worst).any(axis=1)
+        return _Beams(scores, tokens_kept, beams.cache.rows(rows), seen, done_scores, merge(beams.done_tokens, tokens),
+                      merge(beams.done_lengths, jnp.full((b, k), i + 1)), done, open_)  # fmt: skip
+
+    tokens, segments, hidden, cache = _prefill(model, prompts, prompt_lengths, config)
+    copies = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731  row r -> rows r*n .. r*n + n - 1
+    seen = None if penalty == 1.0 else copies(_seen(tokens, segments, v))
+    # Every beam starts as the prompt; only the first counts (score 0, the others -1e9), so the
+    # first step does not pick the same continuation n times.
+    scores = jnp.where(jnp.arange(n) == 0, 0.0, never) * jnp.ones((b, 1))
+    empty = jnp.zeros((b, n, new), jnp.int32)
+    beams = _Beams(scores, empty, cache.rows(copies(jnp.arange(b))), seen, jnp.full((b, n), never), empty,
+                   jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), bool), jnp.ones((b,), bool))  # fmt: skip
+    positions = copies(prompt_lengths)[:, None]
+
+    def body(carry):
+        i, beams = carry
+        last = beams.tokens[:, :, i - 1].reshape(-1, 1)
+        hidden, cache = model(last, positions + i - 1, jnp.ones_like(last), cache=beams.cache, return_hidden=True)
+        return i + 1, step(i, model.logits(hidden[:, 0]), beams._replace(cache=cache))
+
+    beams = step(0, copies(model.logits(hidden)), beams)
+    _, beams = jax.lax.while_loop(lambda c: (c[0] < new) & c[1].open.any(), body, (jnp.int32(1), beams))
+    return Generation(beams.done_tokens[:, 0], beams.done_lengths[:, 0])
 
 
 class Scores(NamedTuple):
@@ -270,7 +393,11 @@ def score_rows(graphdef: nnx.GraphDef, state: nnx.State, rows: Mapping[str, np.n
     result = np.zeros(n, np.float32)
     if not groups:
         return result
-    members = list(groups.values())
+    shards = partitioner.data_parallel_size
+    # A group far past the usual size (one prompt shared by every row: calibration rows, plain
+    # text) is cut into chunks, so that it does not pad every other group to its size.
+    cap = max(1, min(int(np.median([len(g) for g in groups.values()])), batch_size // shards))
+    members = [g[i : i + cap] for g in groups.values() for i in range(0, len(g), cap)]
     p, o, k = int(start.max(initial=0, where=start < t)) + 1, int((end - start)[start < t].max()), max(map(len, members))
     o += o == 1  # at least two option slots: the first token comes from the prompt's last position
     prompts = np.zeros((len(members), p), np.int32)
@@ -283,7 +410,6 @@ def score_rows(graphdef: nnx.GraphDef, state: nnx.State, rows: Mapping[str, np.n
         for j, i in enumerate(group):
             options[g, j, : end[i] - start[i]] = targets[i, start[i] : end[i]]
             option_weights[g, j, : end[i] - start[i]] = weights[i, start[i] : end[i]]
-    shards = partitioner.data_parallel_size
     prompts_per_batch = max(1, batch_size // k // shards) * shards
     scores = partitioner.map_batches(
         lambda batch, _: score_options(graphdef, state, batch["prompts"], jnp.maximum(batch["lengths"], 1),

@@ -11,6 +11,7 @@ from flanjax.decode import (
     SamplingConfig, SequenceTooLongError, decoder_features, filter_logits, generate, next_token, penalize_repetition,
     score, score_rows,
 )
+from flanjax.errors import FlanjaxError
 from flanjax.models.transformer import Transformer, TransformerConfig
 from flanjax.sharding import MeshConfig, Partitioner, make_mesh
 
@@ -220,15 +221,15 @@ def test_penalize_repetition_equals_numpy(penalty):
         SamplingConfig(repetition_penalty=0.0)
 
 
-def test_repetition_penalty_greedy_equals_transformers(tmp_path):
-    """Greedy decoding of a tiny random LLaMA with transformers' repetition penalty, from
-    prompts of different lengths (so flanjax pads and left-aligns them), token for token."""
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A tiny random LLaMA in transformers (vocab 64) and the same model in flanjax: (torch model,
+    graphdef, state)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from flanjax.models.hf import load_model
 
-    vocab, new = 64, 20
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
                                       bos_token_id=None, eos_token_id=None, pad_token_id=None)  # fmt: skip
     config._attn_implementation = "eager"
@@ -237,8 +238,18 @@ def test_repetition_penalty_greedy_equals_transformers(tmp_path):
     with torch.no_grad():  # weights ~ N(0, 0.2^2), norm scales ~ 1: O(1) logits, clear argmaxes
         for name, p in torch_model.named_parameters():
             p.copy_(0.2 * torch.randn(p.shape) + (1.0 if "norm" in name else 0.0))
-    torch_model.save_pretrained(tmp_path)
-    graphdef, state = nnx.split(load_model(str(tmp_path)))
+    path = tmp_path_factory.mktemp("llama")
+    torch_model.save_pretrained(path)
+    return (torch_model, *nnx.split(load_model(str(path))))
+
+
+def test_repetition_penalty_greedy_equals_transformers(tiny_llama):
+    """Greedy decoding of a tiny random LLaMA with transformers' repetition penalty, from
+    prompts of different lengths (so flanjax pads and left-aligns them), token for token."""
+    import torch
+
+    torch_model, graphdef, state = tiny_llama
+    vocab, new = 64, 20
     prompts = [np.random.default_rng(9).integers(0, vocab, n) for n in (9, 4)]
 
     def hf_greedy(prompt, penalty):
@@ -260,3 +271,74 @@ def test_repetition_penalty_greedy_equals_transformers(tmp_path):
                        config=SamplingConfig(max_new_tokens=new, repetition_penalty=penalty))  # fmt: skip
         np.testing.assert_array_equal(np.asarray(out.tokens), expected)
         assert penalty == 1.0 or (expected != unpenalized).any(axis=1).all()  # the penalty changes every row
+
+
+# --- beam search against Hugging Face transformers ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "num_beams, length_penalty, eos_id, stop_tokens, repetition_penalty",
+    [
+        (4, 1.0, None, (), 1.0),  # no EOS: every hypothesis runs to max_new_tokens
+        (4, 1.0, 42, (), 1.0),  # EOS ends some beams early
+        (2, 1.0, 42, (), 1.0),  # a prompt stops improving (early-stop heuristic) before its beams stop
+        (2, 0.5, 42, (), 1.0),
+        (3, 1.0, 16, (5,), 1.3),  # two stop tokens (3 * num_beams candidates a step), penalised log-probs
+    ],
+)
+def test_beam_search_equals_transformers(tiny_llama, num_beams, length_penalty, eos_id, stop_tokens, repetition_penalty):
+    """`generate` with num_beams > 1 returns transformers' best beam (`num_beams`, `do_sample=False`,
+    its default `early_stopping=False`), token for token, for prompts of different lengths in one batch."""
+    import torch
+
+    torch_model, graphdef, state = tiny_llama
+    new = 12
+    rng = np.random.default_rng(10)
+    prompts = [rng.integers(0, 64, n) for n in (9, 4, 6, 1)]
+
+    def hf(prompt, beams):
+        with torch.no_grad():
+            out = torch_model.generate(torch.tensor(prompt[None]), attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+                                       do_sample=False, num_beams=beams, length_penalty=length_penalty, max_new_tokens=new,
+                                       repetition_penalty=repetition_penalty, pad_token_id=0,
+                                       eos_token_id=None if eos_id is None else [eos_id, *stop_tokens])  # fmt: skip
+        return out[0, len(prompt) :].numpy()  # cropped to the best beam's length
+
+    padded = np.zeros((4, 9), np.int32)
+    for row, prompt in zip(padded, prompts):
+        row[: len(prompt)] = prompt
+    config = SamplingConfig(max_new_tokens=new, num_beams=num_beams, length_penalty=length_penalty,
+                            stop_tokens=stop_tokens, repetition_penalty=repetition_penalty)  # fmt: skip
+    out = generate(graphdef, state, jnp.asarray(padded), jnp.asarray([len(p) for p in prompts], jnp.int32),
+                   eos_id=-1 if eos_id is None else eos_id, config=config)  # fmt: skip
+    expected = [hf(prompt, num_beams) for prompt in prompts]
+    for tokens, n, want in zip(np.asarray(out.tokens), np.asarray(out.lengths), expected):
+        assert n == len(want)
+        np.testing.assert_array_equal(tokens[:n], want)
+        assert not tokens[n:].any()
+    if eos_id is None:  # beams find what greedy decoding misses
+        greedy = [hf(prompt, 1) for prompt in prompts]
+        assert any(len(want) != len(g) or (want != g).any() for want, g in zip(expected, greedy))
+    else:
+        assert min(map(len, expected)) < new  # a stop token ended the best beam of some prompt
+
+
+def test_one_beam_decodes_as_before():
+    """num_beams=1 is the sampling path (greedy here, checked above), length_penalty unused."""
+    graphdef, state = model_and_state(seed=3)
+    prompts, lengths = jnp.asarray([[7, 3, 9], [4, 0, 0]], jnp.int32), jnp.asarray([3, 1], jnp.int32)
+    run = lambda **beams: generate(graphdef, state, prompts, lengths, eos_id=-1, config=SamplingConfig(max_new_tokens=4, **beams))  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(run(num_beams=1, length_penalty=2.0).tokens), np.asarray(run().tokens))
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(num_beams=4, temperature=0.7), "temperature=0"),
+        (dict(num_beams=0), "num_beams >= 1"),
+        (dict(num_beams=2, length_penalty=float("nan")), "finite length_penalty"),
+    ],
+)
+def test_bad_beam_configs_name_the_fix(fields, message):
+    with pytest.raises(FlanjaxError, match=message):
+        SamplingConfig(**fields)
