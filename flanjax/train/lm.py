@@ -3,7 +3,8 @@ seqio mixture.
 
 `train()` is configured by gin (configs/runs/sft.gin and the files that include it): the
 loss is `losses.lm_loss`; the model is a fresh Transformer or an initial checkpoint's, with
-optional LoRA adapters; the hooks are validation loss and the `Evaluator`.
+optional LoRA adapters and their EWC penalty (`train.ewc`); the hooks are validation loss and
+the `Evaluator`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from flanjax.rundir.files import resolve_checkpoint, restore_weights
 from flanjax.rundir.metrics import console
 from flanjax.sharding import MeshConfig, Partitioner
 from flanjax.train import throughput, trainer
+from flanjax.train.ewc import EwcConfig, FisherError, ewc_init, ewc_loss, place_fisher, read_checked_fisher
 from flanjax.train.loop import LoopConfig, LoopResult
 from flanjax.train.losses import lm_loss
 from flanjax.train.optim import OptimizerConfig, make_optimizer, make_schedule
@@ -62,6 +64,7 @@ def train(
     seed: int = 0,
     init_checkpoint: str | None = None,
     lora: LoraConfig | None = None,
+    ewc: EwcConfig | None = None,
     epochs: int | None = None,
     checkpoint_every_epoch: bool = False,
 ) -> LoopResult:
@@ -70,9 +73,11 @@ def train(
 
     `init_checkpoint`: a run directory (its latest step) or step directory whose model
     weights start a fresh run, e.g. one written by `flanjax convert from-hf`. `lora`: train
-    low-rank adapters on those weights, which stay frozen. `epochs`: train for this many
-    passes over the training split instead (LIMA: 15), the steps counted from its size, with
-    a checkpoint after each pass if `checkpoint_every_epoch`."""
+    low-rank adapters on those weights, which stay frozen. `ewc`: add the EWC penalty on the
+    adapters' updates, with a `flanjax fisher` of those weights (logged as "ewc"; validation
+    loss stays the LM loss). `epochs`: train for this many passes over the training split
+    instead (LIMA: 15), the steps counted from its size, with a checkpoint after each pass if
+    `checkpoint_every_epoch`."""
     partitioner = Partitioner.from_config(mesh)
     per_process = partitioner.per_process_batch_size(batch_size)
     vocabulary = check_vocabulary(mixture_or_task_name, model.vocab_size)
@@ -86,9 +91,18 @@ def train(
         checkpoint = dataclasses.replace(checkpoint, every_steps=per_epoch) if checkpoint_every_epoch else checkpoint
     elif loop.num_steps is None:
         raise ValueError("give the training length: TRAIN_STEPS (loop.LoopConfig.num_steps) or lm.train.epochs.")
+    origin = None if init_checkpoint is None else resolve_checkpoint(init_checkpoint)
+    if ewc is not None:  # before compiling: a missing or mismatched Fisher fails now
+        if lora is None:
+            raise FisherError("EWC (lm.train.ewc) penalises LoRA updates, but the run trains no adapters: set "
+                              "lm.train.lora (e.g. include configs/runs/lora.gin), or drop lm.train.ewc.")  # fmt: skip
+        fisher = read_checked_fisher(ewc.fisher, nnx.eval_shape(lambda: new_model(model, lora)), origin)
     stops = () if dialogue is None else (eot_id(vocabulary.tokenizer, dialogue),)  # decoding ends a reply there
     batches = SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process, seed=seed, pack=pack, shuffle=shuffle)
     loss = lm_loss(z_loss, loss_chunk_size)
+    train_loss = loss if ewc is None else ewc_loss(loss, ewc)
+    tx = make_optimizer(optimizer, loop.num_steps)
+    init = lm_init(model, tx, seed, lora) if ewc is None else ewc_init(model, tx, seed, lora)
     evaluations: dict[int, dict[str, TaskResult]] = {}
 
     def make_hooks(graphdef, abstract):
@@ -105,27 +119,29 @@ def train(
                                                       default_task=mixture_or_task_name, stop_tokens=stops), evaluations)  # fmt: skip
         return hooks
 
-    origin = None if init_checkpoint is None else resolve_checkpoint(init_checkpoint)
-
     def pretrained():
-        if origin is None:
-            return ()
-        console.print(f"Initialising from {origin[0]} step {origin[1]}")
-        return (restore_weights(*origin, model, partitioner)[1],)
+        base = None
+        if origin is not None:
+            console.print(f"Initialising from {origin[0]} step {origin[1]}")
+            base = restore_weights(*origin, model, partitioner)[1]
+        if ewc is not None:  # the Fisher, placed in its shardings, is state: see `train.ewc`
+            return base, place_fisher(fisher, partitioner.abstract_state(init)[1])
+        return () if base is None else (base,)
 
     seq_len = sum(task_feature_lengths.values())
     result = trainer.run(trainer.Trainer(
-        description=f"Training {_trained(model, lora)} on {mixture_or_task_name} for {loop.num_steps} steps",
+        description=f"Training {_trained(model, lora, ewc)} on {mixture_or_task_name} for {loop.num_steps} steps",
         model_dir=model_dir, model=model, lora=lora, origin=origin and origin[0], vocabulary=vocabulary, partitioner=partitioner,
         loop=loop, checkpoint=checkpoint, batches=batches,
-        init=lm_init(model, make_optimizer(optimizer, loop.num_steps), seed, lora), pretrained=pretrained,
+        init=init, pretrained=pretrained,
         compile_step=lambda graphdef, abstract, spec: trainer.jit_step(
-            make_train_step(graphdef, loss, num_microbatches=num_microbatches, seed=seed), abstract, spec),
+            make_train_step(graphdef, train_loss, num_microbatches=num_microbatches, seed=seed), abstract, spec),
         make_hooks=make_hooks, learning_rate=make_schedule(optimizer, loop.num_steps),
         dialogue=dialogue, data_metrics=data_metrics,
         tokens_per_step=batch_size * seq_len,
         flops_per_step=batch_size * seq_len * throughput.train_flops_per_token(model, seq_len),
         peak_flops=throughput.peak_flops(),
+        **({} if ewc is None else {"console_keys": (*trainer.Trainer.console_keys, "ewc")}),
     ))  # fmt: skip
     if evaluations:
         last = max(evaluations)
@@ -136,12 +152,13 @@ def train(
     return result
 
 
-def _trained(model: TransformerConfig, lora: LoraConfig | None) -> str:
+def _trained(model: TransformerConfig, lora: LoraConfig | None, ewc: EwcConfig | None = None) -> str:
     """What trains: all parameters, or the LoRA adapters of how many (abstract model, nothing allocated)."""
     if lora is None:
         return f"{model.num_params() / 1e6:.2f}M parameters"
     adapters = num_adapter_params(nnx.eval_shape(lambda: new_model(model, lora)))
-    return f"LoRA adapters: {adapters / 1e6:.2f}M trainable of {(model.num_params() + adapters) / 1e6:.2f}M parameters"
+    penalty = "" if ewc is None else f" with EWC (lambda {ewc.weight:g})"
+    return f"LoRA adapters{penalty}: {adapters / 1e6:.2f}M trainable of {(model.num_params() + adapters) / 1e6:.2f}M parameters"
 
 
 def evaluation_hook(evaluator: Evaluator, results: dict[int, dict[str, TaskResult]]):
