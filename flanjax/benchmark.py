@@ -315,3 +315,24 @@ def bench_ppo(
         "rollout_vs_decode": rollout_tokens_per_s / decode["new_tokens_per_s"],
         **_environment(),
     }
+
+
+def bench_plan(num_goals: int = 64, num_simulations: int = 2000, seed: int = 0) -> dict:
+    """MCTS planning of `num_goals` household goals (the library's activities in generated
+    homes, in order) in one batch: simulations per second and goals solved (`mcts.measure`)."""
+    from flanjax.worlds import activities as _registered  # noqa: F401  the household world and its activities
+    from flanjax.worlds.mcts import SearchConfig, measure
+    from flanjax.worlds.planning import goals_in_homes, world_problem
+    from flanjax.worlds.world import activities, get_world
+
+    world = get_world("household")
+    goals, homes = [], 0
+    while len(goals) < num_goals:
+        found, _ = goals_in_homes(world, [seed + homes], activities("household"))
+        goals += found
+        homes += 1
+    goals = goals[:num_goals]
+    stack = lambda trees: jax.tree.map(lambda *x: np.stack([np.asarray(v) for v in x]), *trees)  # noqa: E731
+    result = measure(world_problem(world), stack([g.params for g in goals]), stack([g.state for g in goals]),
+                     jax.random.key(seed), SearchConfig(num_simulations=num_simulations))  # fmt: skip
+    return {"benchmark": "plan", "homes": homes, **result}

@@ -4,6 +4,8 @@
     flanjax eval --gin_file=configs/runs/eval.gin --gin.CHECKPOINT_PATH=runs/x --gin.MIXTURE_OR_TASK_NAME=quickstart_eval
     flanjax bench train --model=bench_27m --batch_size=8 --seq_len=256
     flanjax bench decode --model=bench_27m --batch_size=8 --prompt_len=128 --new_tokens=128
+    flanjax world generate --out data/e2wm --homes 100 --seed 0
+    flanjax bench plan --batch_size 64 --simulations 2000
     flanjax tasks list --cluster nli --json
     flanjax tasks preview flan_rte -n 2 --mock
     flanjax convert from-hf --in hf/Llama-3.2-1B --out runs/llama1b --add_tokens "<|eot|>"
@@ -11,6 +13,7 @@
     flanjax chat --run runs/lima --system "Be brief."
     flanjax select --run runs/lima --prompts dev.jsonl --judge judge:runs/judge --min_step 50 --max_step 100
     flanjax compare --a runs/lima --b runs/sft --prompts test.jsonl --judge reward:runs/rm
+    flanjax fisher --run runs/quickstart --task quickstart --num_examples 512 --inputs_length 48 --targets_length 16
 
 Configuration is gin, t5x style: `--gin_file` (repeatable; files `include` each other) and
 `--gin.KEY=VALUE` bindings applied after the files. The parsed config is written to
@@ -198,6 +201,8 @@ def cmd_bench(args: argparse.Namespace, bindings: list[str]) -> int:
         lora = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank) if args.lora_rank else None
         result = benchmark.bench_ppo(config, **shape, prompt_len=args.prompt_len, new_tokens=args.new_tokens, lora=lora,
                                      value_on_policy_trunk=args.value_on_policy_trunk)  # fmt: skip
+    elif args.what == "plan":
+        result = benchmark.bench_plan(num_goals=args.batch_size, num_simulations=args.simulations)
     else:
         result = benchmark.bench_rank(config, **shape, prompt_len=args.prompt_len, option_len=args.option_len,
                                       num_options=args.num_options)  # fmt: skip
@@ -236,7 +241,7 @@ def _sampling(args: argparse.Namespace):
     from flanjax.decode import SamplingConfig
 
     return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          repetition_penalty=args.repetition_penalty, quantize=args.quantize)  # fmt: skip
+                          repetition_penalty=args.repetition_penalty, num_beams=args.num_beams, quantize=args.quantize)  # fmt: skip
 
 
 def _import_modules(modules: list[str]) -> None:
@@ -357,6 +362,39 @@ def cmd_compare(args: argparse.Namespace, bindings: list[str]) -> int:
     print(f"A = {result['a']}\nB = {result['b']}\non {result['prompts']} prompts, judged by {result['judge']}:")
     print(f"  A wins {result['wins']}, ties {result['ties']}, A loses {result['losses']}; the two orders agree on {agreement}")
     print(json.dumps(result))
+    return 0
+
+
+def cmd_fisher(args: argparse.Namespace, bindings: list[str]) -> int:
+    from flanjax.sharding import Partitioner
+    from flanjax.train.ewc import compute_fisher
+
+    _import_modules(args.module)
+    result = compute_fisher(args.run_dir, args.task, args.num_examples, split=args.split, batch_size=args.batch_size,
+                            task_feature_lengths={"inputs": args.inputs_length, "targets": args.targets_length},
+                            targets=args.targets, out=args.out, partitioner=Partitioner.from_config(_mesh(args.mesh)))  # fmt: skip
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_world(args: argparse.Namespace, bindings: list[str]) -> int:
+    from flanjax.worlds import experiences, mcts
+    from flanjax.worlds.world import activities
+
+    _import_modules(["flanjax.worlds.activities", *args.module])
+    if args.action == "activities":
+        for activity in activities(args.world):
+            print(f"{activity.name}: " + ", ".join(f"{g[0]}({', '.join(g[1:])})" for g in activity.goals))
+        return 0
+    config = experiences.ExperienceConfig(
+        homes=args.homes, seed=args.seed, world=args.world, stories_per_home=args.stories_per_home,
+        test_fraction=args.test_fraction, search=mcts.SearchConfig(num_simulations=args.simulations),
+        batch_size=args.batch_size,
+    )  # fmt: skip
+    summary = experiences.generate(args.out, config)
+    print(f"{summary['solved']} plans of {summary['goals']} goals ({summary['impossible']} impossible in their home, skipped; "
+          f"{summary['unsolved']} unsolved), {sum(summary['stories'].values())} stories -> {args.out}")  # fmt: skip
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "impossible_by_activity")}))
     return 0
 
 
@@ -490,11 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="train: training steps (tokens/s, MFU); decode: greedy generation with the KV cache "
         "(new tokens/s); rank: scoring rank-classification options (options/s); pipeline: templating, "
         "tokenizing and packing a FLAN mixture on one core under TFDS mock data (tokens/s); ppo: one PPO "
-        "iteration with four models of the size (rollout / scoring / training seconds, rollout vs decode speed).",
+        "iteration with four models of the size (rollout / scoring / training seconds, rollout vs decode speed); "
+        "plan: MCTS planning of a batch of household goals (simulations/s, goals solved).",
     )
-    bench.add_argument("what", choices=["train", "decode", "rank", "pipeline", "ppo"], help="what to measure")
+    bench.add_argument("what", choices=["train", "decode", "rank", "pipeline", "ppo", "plan"], help="what to measure")
     bench.add_argument("--model", default="bench_27m", help="a model config in configs/models (default bench_27m)")
-    bench.add_argument("--batch_size", type=int, default=8, help="rows per step / generate call / scoring call")
+    bench.add_argument("--batch_size", type=int, default=8, help="rows per step / generate call / scoring call; plan: goals")
+    bench.add_argument("--simulations", type=int, default=2000, help="plan: MCTS simulations per goal")
     bench.add_argument("--seq_len", type=int, default=256, help="train: tokens per row")
     bench.add_argument("--steps", type=int, default=10, help="train: timed steps; pipeline: timed batches")
     bench.add_argument("--mixture", default="flan_all_train", help="pipeline: the mixture to read")
@@ -598,6 +638,49 @@ def build_parser() -> argparse.ArgumentParser:
     select.set_defaults(run=cmd_select)
     compare.set_defaults(run=cmd_compare)
 
+    fisher = commands.add_parser(
+        "fisher",
+        help="the diagonal Fisher of the kernels LoRA adapts, on a task's examples, for EWC (lm.train.ewc)",
+        description="Averages each example's squared gradient (of its mean token loss) wrt the base kernels that LoRA "
+        "targets, over the first --num_examples examples of --task, on the run's model (its selected or latest step), and "
+        "writes RUN/fisher/ (fisher.safetensors, fisher.json) unless --out says otherwise. Targets: --targets, else the "
+        "run's own LoRA targets if it trained adapters, else LoraConfig's defaults. Last line: one JSON object.",
+    )
+    fisher.add_argument("--run", dest="run_dir", required=True, help="run or step directory of the model (the weights EWC anchors)")
+    fisher.add_argument("--task", required=True, help="seqio task (or mixture) of text examples: inputs and targets")
+    fisher.add_argument("--num_examples", type=int, required=True, help="examples averaged over (those with target tokens)")
+    fisher.add_argument("--split", default="train")
+    fisher.add_argument("--batch_size", type=int, default=8, help="examples whose gradients are taken at once (global)")
+    fisher.add_argument("--inputs_length", type=int, default=256, help="input tokens kept per example")
+    fisher.add_argument("--targets_length", type=int, default=128, help="target tokens kept per example")
+    fisher.add_argument("--targets", nargs="+", help="LoRA target regexes, e.g. 'attn/q$' 'attn/v$' (default: see above)")
+    fisher.add_argument("--out", help="output directory (default RUN/fisher)")
+    fisher.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=2,fsdp=4 (default: data parallel)")
+    fisher.add_argument("--module", action="append", default=list(TASK_MODULES), help="task module to import (repeatable)")
+    fisher.set_defaults(run=cmd_fisher)
+
+    world = commands.add_parser("world", help="E2WM's world model: generate experiences (plans, stories), list activities")
+    world_actions = world.add_subparsers(dest="action", metavar="ACTION", required=True)
+    generate = world_actions.add_parser(
+        "generate",
+        help="plan every activity possible in N generated homes by MCTS, explore them at random, write JSON lines",
+        description="Writes plans.jsonl, counting.jsonl, paths.jsonl, locations.jsonl and summary.json into --out "
+        "(tasks/e2wm reads them: --gin.E2WM_DIR). Deterministic for a seed; goals impossible in a home are skipped "
+        "and counted. Last line: one JSON object.",
+    )
+    generate.add_argument("--out", required=True, help="output directory")
+    generate.add_argument("--homes", type=int, default=100, help="homes generated (default 100)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--simulations", type=int, default=2000, help="MCTS simulations per goal")
+    generate.add_argument("--batch_size", type=int, default=64, help="goals planned at once")
+    generate.add_argument("--stories_per_home", type=int, default=4, help="stories of each kind per home")
+    generate.add_argument("--test_fraction", type=float, default=0.2, help="share of homes held out for evaluation")
+    listed = world_actions.add_parser("activities", help="list the registered activities and their goals")
+    for action in (generate, listed):
+        action.add_argument("--world", default="household")
+        action.add_argument("--module", action="append", default=[], help="module registering your world or activities (repeatable)")
+        action.set_defaults(run=cmd_world)
+
     tasks = commands.add_parser("tasks", help="list registered tasks and mixtures; preview rendered examples")
     actions = tasks.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="list tasks (templated ones with cluster, templates, metrics) and mixtures")
@@ -622,6 +705,8 @@ def _sampling_arguments(command: argparse.ArgumentParser, **defaults) -> None:
     command.add_argument("--repetition_penalty", type=float, default=defaults["repetition_penalty"],
                          help="Hugging Face's: logits of tokens already in the sequence divided by it "
                               "(multiplied if negative); 1: off, LIMA uses 1.2")  # fmt: skip
+    command.add_argument("--num_beams", type=int, default=1,
+                         help="beam search as Hugging Face's, returning the best of N beams (needs --temperature 0); 1: off")  # fmt: skip
     command.add_argument("--quantize", default="none", choices=["none", "int8", "int8_dynamic"],
                          help="sample with int8 weights (int8), or int8 weights and activations (int8_dynamic)")
     command.add_argument("--seed", type=int, default=0)

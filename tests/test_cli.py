@@ -11,8 +11,10 @@ import sys
 import time
 
 import gin
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from flax import nnx
 
 from flanjax import cli, config
 from flanjax.data.vocab import HFVocabulary
@@ -116,9 +118,36 @@ RUN_CONFIGS = sorted(glob.glob(os.path.join(config.REPO_ROOT, "configs", "runs",
 EVAL_CONFIG = os.path.join(config.REPO_ROOT, "configs", "runs", "eval.gin")
 
 
-# RLHF configs need an SFT run and preferences: test_rlhf trains them end to end. The chat
-# quickstart's needs the quickstart's run, converted (`make quickstart-chat` does both).
-RLHF_CONFIGS = ("reward.gin", "ppo.gin", "ppo_lora.gin", "quickstart_rlhf_reward.gin", "quickstart_rlhf_ppo.gin", "quickstart_chat.gin")
+# RLHF configs need an SFT run and preferences: test_rlhf trains them end to end. The chat and
+# world-model quickstarts' need the quickstart's run (their make targets make it).
+RLHF_CONFIGS = ("reward.gin", "ppo.gin", "ppo_lora.gin", "quickstart_rlhf_reward.gin", "quickstart_rlhf_ppo.gin", "quickstart_chat.gin",
+                "quickstart_e2wm.gin")  # fmt: skip
+
+
+def write_e2wm_inputs(directory) -> tuple[str, str]:
+    """A small experience directory (one record of each kind per split) and a Fisher of ones
+    for tiny.gin's query and value kernels, as configs/runs/e2wm.gin reads them."""
+    from flanjax.models.lora import LoraConfig, lora_modules
+    from flanjax.models.transformer import TransformerConfig, new_model
+    from flanjax.train.ewc import kernel_name, save_fisher
+
+    world = directory / "world"
+    world.mkdir()
+    plan = {"seed": 0, "seen": True, "items": ["tv"], "distractors": [], "conditions": ["The tv is off."], "plan": ["Walk to tv.", "Switch on tv."]}
+    story = {"seed": 0, "story": ["Mary was in the kitchen.", "Mary took the cup from the sink.", "Mary went to the hallway."]}
+    records = {
+        "plans": [{**plan, "split": s, "activity": a} for s in ("train", "test") for a in ("watch tv", "use the toilet")],
+        "counting": [{**story, "split": s, "question": "How many items are there in the sink?", "answer": "There is no item in the sink."}
+                     for s in ("train", "test")],
+        "paths": [{**story, "split": s, "question": "What is the order of the rooms where the cup appeared?", "answer": "kitchen, hallway"}
+                  for s in ("train", "test")],
+    }  # fmt: skip
+    for name, rows in records.items():
+        (world / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tiny = TransformerConfig(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=128, max_len=256)
+    model = nnx.eval_shape(lambda: new_model(tiny, LoraConfig(targets=(r"attn/q$", r"attn/v$"))))
+    save_fisher(str(directory / "fisher"), {kernel_name(p): np.ones(m.base.kernel.shape) for p, m in lora_modules(model)}, {})
+    return str(world), str(directory / "fisher")
 
 
 @pytest.mark.slow
@@ -140,6 +169,11 @@ def test_every_run_config_trains(path, tmp_path):
         args += ["--gin_file=configs/models/tiny.gin", "--gin.transformer.TransformerConfig.vocab_size=576",
                  f"--gin.TOKENIZER='{tmp_path / 'tokenizer'}'", f"--gin.LIMA_DIR='{tmp_path}'",
                  "--gin.TASK_FEATURE_LENGTHS={'targets': 64}", "--gin.EPOCHS=1"]  # fmt: skip
+    if os.path.basename(path) == "e2wm.gin":
+        world, fisher = write_e2wm_inputs(tmp_path)
+        args += ["--gin_file=configs/models/tiny.gin", f"--gin.TOKENIZER='{os.environ['FLANJAX_TOKENIZER']}'",
+                 f"--gin.E2WM_DIR='{world}'", f"--gin.FISHER='{fisher}'", "--gin.EPOCHS=1",
+                 "--gin.TASK_FEATURE_LENGTHS={'inputs': 96, 'targets': 32}"]  # fmt: skip
     if os.path.basename(path) == "quickstart.gin":
         args += ["--gin.evaluator.EvalConfig.num_examples=8", "--gin.evaluator.EvalConfig.batch_size=8"]
     mock = contextlib.nullcontext()
