@@ -389,6 +389,7 @@ def cmd_world(args: argparse.Namespace, bindings: list[str]) -> int:
     config = experiences.ExperienceConfig(
         homes=args.homes, seed=args.seed, world=args.world, stories_per_home=args.stories_per_home,
         test_fraction=args.test_fraction, search=mcts.SearchConfig(num_simulations=args.simulations),
+        counting_steps=args.counting_steps, path_sentences=tuple(args.path_sentences),
         batch_size=args.batch_size,
     )  # fmt: skip
     summary = experiences.generate(args.out, config)
@@ -675,6 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--batch_size", type=int, default=64, help="goals planned at once")
     generate.add_argument("--stories_per_home", type=int, default=4, help="stories of each kind per home")
     generate.add_argument("--test_fraction", type=float, default=0.2, help="share of homes held out for evaluation")
+    generate.add_argument("--counting_steps", type=int, default=12, help="moves a counting story narrates")
+    generate.add_argument("--path_sentences", type=int, nargs=2, default=[13, 29], metavar=("MIN", "MAX"),
+                          help="sentences of a path-tracking story (E2WM: 13 29)")
     listed = world_actions.add_parser("activities", help="list the registered activities and their goals")
     for action in (generate, listed):
         action.add_argument("--world", default="household")

@@ -47,7 +47,8 @@ class ExperienceConfig:
     unseen_fraction: float = 0.25  # activities never shown in training
     stories_per_home: int = 4  # of each kind: counting, path tracking, object location
     counting_steps: int = 12  # moves of the one agent a counting story narrates
-    path_steps: int = 30  # moves of the three agents path stories draw from (13-29 sentences)
+    path_steps: int = 30  # moves of the three agents path stories draw from
+    path_sentences: tuple[int, int] = explore.PATH_SENTENCES  # a path story's length (E2WM: 13-29 sentences)
     search: SearchConfig = SearchConfig()
     batch_size: int = 64  # goals planned at once
 
@@ -105,8 +106,8 @@ def _stories(world: World, config: ExperienceConfig, seeds: list[int], splits: l
     out: dict[str, list[dict]] = {"counting": [], "paths": [], "locations": []}
     skipped = 0
     kinds = (("counting", 1, config.counting_steps, explore.counting_story),
-             ("paths", 3, config.path_steps, explore.path_story),
-             ("locations", 3, config.path_steps, explore.location_question))  # fmt: skip
+             ("paths", 3, config.path_steps, functools.partial(explore.path_story, sentences=config.path_sentences)),
+             ("locations", 3, config.path_steps, functools.partial(explore.location_question, sentences=config.path_sentences)))  # fmt: skip
     for k, (kind, agents, steps, make) in enumerate(kinds):
         for r in range(config.stories_per_home):
             keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(base, 1000 * k + r), s))(jnp.asarray(seeds))

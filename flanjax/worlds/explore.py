@@ -265,11 +265,11 @@ def _path(log: Log, item: int, steps: int) -> list[int]:
     return [int(r) for i, r in enumerate(rooms) if i == 0 or r != rooms[i - 1]]
 
 
-def _tracked(home: Home, log: Log, rng: np.random.Generator, accept, what: str):
+def _tracked(home: Home, log: Log, rng: np.random.Generator, accept, what: str, sentences: tuple[int, int] = PATH_SENTENCES):
     """A story length (E2WM's 13-29 sentences) and an object whose path `accept`s, both drawn at
     random among those that exist."""
     agents, total = log.agent_room.shape[1], len(log.agent)
-    lengths = np.arange(max(PATH_SENTENCES[0] - agents, 1), min(PATH_SENTENCES[1] - agents, total) + 1)
+    lengths = np.arange(max(sentences[0] - agents, 1), min(sentences[1] - agents, total) + 1)
     for steps in rng.permutation(lengths):
         moved = sorted({int(i) for i, v in zip(log.item[:steps], log.verb[:steps]) if v == GRAB})
         paths = {item: _path(log, item, steps) for item in moved}
@@ -278,25 +278,25 @@ def _tracked(home: Home, log: Log, rng: np.random.Generator, accept, what: str):
             item = int(rng.choice(good))
             return int(steps), item, [_name(home, r) for r in paths[item]]
     raise NoStory(
-        f"no object {what} within {PATH_SENTENCES[0]}-{PATH_SENTENCES[1]} sentences of this {total}-step log "
+        f"no object {what} within {sentences[0]}-{sentences[1]} sentences of this {total}-step log "
         f"({agents} agents); skip it or explore with another key"
     )
 
 
-def path_story(home: Home, log: Log, seed: int) -> Story:
+def path_story(home: Home, log: Log, seed: int, sentences: tuple[int, int] = PATH_SENTENCES) -> Story:
     """E2WM's object path tracking: a story of 13-29 sentences (use 3 agents and at least 26
     steps) and the rooms an object appeared in, in order, from its first mention (2-5 rooms):
     "What is the order of the rooms where the cup appeared?" -> "kitchen, hallway, bedroom"."""
     log, rng = _numpy(log), np.random.default_rng(seed)
     lo, hi = PATH_ROOMS
-    steps, item, rooms = _tracked(home, log, rng, lambda path: lo <= len(path) <= hi, f"passes through {lo}-{hi} rooms")
+    steps, item, rooms = _tracked(home, log, rng, lambda path: lo <= len(path) <= hi, f"passes through {lo}-{hi} rooms", sentences)
     names = list(rng.choice(NAMES, log.agent_room.shape[1], replace=False))
     sentences = _narrate(home, log, names, steps, rng, holders=0.5)
     question = f"What is the order of the rooms where the {_name(home, item)} appeared?"
     return Story(sentences, question, ", ".join(rooms), steps)
 
 
-def location_question(home: Home, log: Log, seed: int) -> Story:
+def location_question(home: Home, log: Log, seed: int, sentences: tuple[int, int] = PATH_SENTENCES) -> Story:
     """E2WM's object location QA over a path tracking story: "Where was the cup before the
     bedroom?", answered by the room before it in the cup's path (asked only of rooms the path
     enters once, so the answer is unique); the options are the home's rooms."""
@@ -305,7 +305,7 @@ def location_question(home: Home, log: Log, seed: int) -> Story:
     def once(path):
         return [i for i in range(1, len(path)) if path.count(path[i]) == 1]
 
-    steps, item, rooms = _tracked(home, log, rng, lambda path: bool(once(path)), "enters a room once after its first")
+    steps, item, rooms = _tracked(home, log, rng, lambda path: bool(once(path)), "enters a room once after its first", sentences)
     asked = int(rng.choice(once(rooms)))
     names = list(rng.choice(NAMES, log.agent_room.shape[1], replace=False))
     sentences = _narrate(home, log, names, steps, rng, holders=0.5)
