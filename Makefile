@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Quiet TensorFlow's start-up chatter; seqio uses TF only for the input pipeline.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: quickstart quickstart-rlhf quickstart-chat test bench bench-accelerator clean
+.PHONY: quickstart quickstart-rlhf quickstart-chat quickstart-e2wm test bench bench-accelerator clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,21 @@ quickstart-chat: $(STAMP)
 	$(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart_chat.gin --gin.MODEL_DIR="'$(CHAT_DIR)/last'" \
 		--gin.MIXTURE_OR_TASK_NAME="'quickstart_chat_last'"
 	$(PY) -m tasks.quickstart_chat report
+
+# E2WM from the quickstart's model: household experiences (MCTS plans, exploration stories), then
+# LoRA + EWC, plain LoRA and full fine-tuning, each evaluated on the world and on the quickstart.
+E2WM_DIR := runs/quickstart_e2wm
+E2WM     := $(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart_e2wm.gin
+quickstart-e2wm: $(STAMP)
+	$(MAKE) quickstart
+	test -f $(E2WM_DIR)/world/summary.json || $(VENV)/bin/flanjax world generate --out $(E2WM_DIR)/world \
+		--homes 30 --seed 0 --simulations 500 --stories_per_home 6 --counting_steps 5 --path_sentences 6 10
+	test -f runs/quickstart/fisher/fisher.json || $(VENV)/bin/flanjax fisher --run runs/quickstart --task quickstart \
+		--num_examples 512 --inputs_length 40 --targets_length 24 --targets 'attn/(q|k|v|o)$$' 'mlp/(gate|up|down)$$'
+	$(E2WM)
+	$(E2WM) --gin.MODEL_DIR="'$(E2WM_DIR)/lora'" --gin.lm.train.ewc=None
+	$(E2WM) --gin.MODEL_DIR="'$(E2WM_DIR)/full'" --gin.lm.train.ewc=None --gin.lm.train.lora=None
+	$(PY) -m tasks.e2wm.quickstart report
 
 # Two test processes (pytest-xdist): about 19 minutes on 2 cores, against 29 in one.
 test: $(STAMP)
