@@ -69,9 +69,8 @@ def report() -> dict:
         world, retained = evaluate(run, WORLD_TASKS, name), evaluate(run, "quickstart_eval", name)
         table[name] = {"world": float(np.mean(list(world.values()))), "retained": float(np.mean(list(retained.values()))),
                        "tasks": {**world, **retained}}  # fmt: skip
-    tasks = list(table["base"]["tasks"])
     print(f"\n{'task':<42}" + "".join(f"{name:>10}" for name in RUNS))
-    for task in tasks:
+    for task in table["base"]["tasks"]:
         print(f"{task:<42}" + "".join(f"{table[name]['tasks'][task]:>10.1f}" for name in RUNS))
     for key in ("world", "retained"):
         print(f"{'mean: ' + key:<42}" + "".join(f"{table[name][key]:>10.1f}" for name in RUNS))
