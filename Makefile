@@ -58,7 +58,7 @@ quickstart-e2wm: $(STAMP)
 	$(E2WM) --gin.MODEL_DIR="'$(E2WM_DIR)/full'" --gin.lm.train.ewc=None --gin.lm.train.lora=None
 	$(PY) -m tasks.e2wm.quickstart report
 
-# Two test processes (pytest-xdist): about 19 minutes on 2 cores, against 29 in one.
+# Two test processes (pytest-xdist): about 28 minutes on 2 cores.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
