@@ -22,8 +22,8 @@ from flanjax.train import ewc
 from flanjax.train.losses import lm_loss
 
 TINY = TransformerConfig(vocab_size=64, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1, d_ff=32, max_len=16)
-# Einsum kernels with one in-dim (q, v) and two (o), and a Linear (mlp up).
-TARGETS = (r"attn/(q|v|o)$", r"mlp/up$")
+# Einsum kernels with one in-dim (q, v) and two (o), a Linear (mlp up) and the embedding table.
+TARGETS = (r"attn/(q|v|o)$", r"mlp/up$", r"^embed$")
 
 
 def random_model(config=TINY, lora=None, seed=0):
@@ -50,7 +50,8 @@ def _batch(rows=4, t=10, seed=0):
 
 
 def _kernel_names(layers):
-    return sorted(f"{layer}.{p}.kernel" for layer in layers for p in ("attn.q", "attn.v", "attn.o", "mlp.up"))
+    projections = [f"{layer}.{p}.kernel" for layer in layers for p in ("attn.q", "attn.v", "attn.o", "mlp.up")]
+    return sorted([*projections, "embed.embedding"])
 
 
 def test_target_kernels_are_named_by_projection():
@@ -61,6 +62,7 @@ def test_target_kernels_are_named_by_projection():
     assert ewc.target_kernels(wrapped, TARGETS) == {
         **{("layers", i, "attn", "q", "base", "kernel"): f"layers.{i}.attn.q.kernel" for i in range(2)},
         **{("layers", i, *p.split("."), "kernel"): f"layers.{i}.{p}.kernel" for i in range(2) for p in ("attn.v", "attn.o", "mlp.up")},
+        ("embed", "embedding"): "embed.embedding",
     }
     with pytest.raises(ewc.FisherError, match="match no projection"):
         ewc.target_kernels(wrapped, ("attn/nothing$",))
@@ -98,7 +100,7 @@ def test_ewc_gradient_equals_the_hand_written_one(scan):
     model = random_model(dataclasses.replace(TINY, scan_layers=scan), LoraConfig(rank=3, alpha=6.0, targets=TARGETS))
     modules = lora_modules(model)
     rng = np.random.default_rng(1)
-    fisher = [rng.uniform(size=m.base.kernel.shape).astype(np.float32) for _, m in modules]
+    fisher = [rng.uniform(size=m.weight.shape).astype(np.float32) for _, m in modules]
     ewc.attach_fisher(model, fisher)
     lam = 7.0
     graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
@@ -109,7 +111,7 @@ def test_ewc_gradient_equals_the_hand_written_one(scan):
     for (path, m), f in zip(modules, fisher):
         a, b, s = np.asarray(m.lora_a[...], np.float64), np.asarray(m.lora_b[...], np.float64), m.scale
         f = np.asarray(f, np.float64)
-        lead = a.shape[:1] if scan else ()  # the stacked layers' axis
+        lead = a.shape[:1] if scan and path.startswith("layers") else ()  # the stacked layers' axis
         a2 = a.reshape(*lead, -1, m.rank)
         b2 = b.reshape(*lead, m.rank, -1)
         f2 = f.reshape(*lead, a2.shape[-2], b2.shape[-1])

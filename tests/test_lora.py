@@ -95,6 +95,31 @@ def test_lora_projection_matches_numpy(path, x_shape):
     np.testing.assert_allclose(np.asarray(module(jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_embedding_adapter_is_a_low_rank_update_of_the_table(tied):
+    """The wrapped table reads E[ids] + s A[ids] B, and a tied model's output uses the same
+    updated table: its logits equal a plain model's whose table is E + s A B (built in NumPy)."""
+    config = dataclasses.replace(TINY, tie_embeddings=tied)
+    model = Transformer(config, rngs=nnx.Rngs(params=0))
+    plain = Transformer(config, rngs=nnx.Rngs(params=0))
+    assert apply_lora(model, LoraConfig(rank=4, alpha=8.0, targets=(r"^embed$",)), rngs=nnx.Rngs(1)) == ["embed"]
+    lora = model.embed
+    assert lora.lora_a.shape == (TINY.vocab_size, 4) and lora.lora_b.shape == (4, TINY.d_model)
+    assert lora.lora_a.get_metadata()["out_sharding"] == ("vocab", "lora_rank")
+    a = np.asarray(lora.lora_a[...], np.float64)
+    assert 0.9 < np.abs(a).max() <= 1.0  # an id is one-hot: fan-in 1, so U(-1, 1)
+    np.testing.assert_array_equal(logits(model), logits(plain))  # B = 0
+    randomize_b(model)
+    e, b = np.asarray(lora.base.embedding[...], np.float64), np.asarray(lora.lora_b[...], np.float64)
+    table = e + 2.0 * a @ b
+    np.testing.assert_allclose(lora(TOKENS), table[np.asarray(TOKENS)], rtol=1e-5, atol=1e-6)
+    plain.embed.embedding[...] = jnp.asarray(table, jnp.float32)
+    np.testing.assert_allclose(logits(model), logits(plain), rtol=1e-4, atol=1e-5)
+    merge_lora(model)
+    np.testing.assert_allclose(model.embed.base.embedding[...], table, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits(model), logits(plain), rtol=1e-4, atol=1e-5)
+
+
 def test_merge_and_unmerge():
     model = wrapped()
     kernels = {p: np.asarray(m.base.kernel[...]) for p, m in lora_modules(model)}
@@ -229,7 +254,7 @@ def test_a_scanned_models_adapters_are_stacked_and_compute_what_unrolled_ones_do
 
 
 def test_bad_targets_and_configs_fail_clearly():
-    with pytest.raises(LoraError, match=r"match no projection.*layers/0/attn/q, .*lm_head") as err:
+    with pytest.raises(LoraError, match=r"match no projection or embedding.*: embed, layers/0/attn/k, .*lm_head") as err:
         apply_lora(base_model(), LoraConfig(targets=(r"attn/query$",)), rngs=nnx.Rngs(0))
     assert "layers/1/" not in str(err.value)  # one layer is enough to show the naming
     with pytest.raises(LoraError, match="already has LoRA"):

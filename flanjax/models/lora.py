@@ -1,7 +1,10 @@
-"""Low-rank adapters (LoRA, Hu et al. 2021) for the Transformer's projections.
+"""Low-rank adapters (LoRA, Hu et al. 2021) for the Transformer's projections and embeddings.
 
 `apply_lora` replaces the chosen `nnx.Linear` / `nnx.Einsum` projections in place by a
-`LoRA` wrapper computing `base(x) + alpha / rank * (x @ A) @ B`. The base kernel stays an
+`LoRA` wrapper computing `base(x) + alpha / rank * (x @ A) @ B`; an `nnx.Embed` table gets
+`base(ids) + alpha / rank * A[ids] @ B` (the same update with a one-hot input, as PEFT adapts
+`nn.Embedding`): new vocabulary, or words the base model never learnt, need it, since a
+frozen table cannot tell them apart. The base weight stays an
 `nnx.Param`; A and B are `nnx.LoRAParam`s, so `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`
 trains the adapters only (note that `LoRAParam` subclasses `Param`: a `wrt=nnx.Param` filter
 trains everything). A and B carry logical axes ("lora_rank" for the rank) like every other
@@ -75,8 +78,11 @@ def projection_letters(base: nnx.Linear | nnx.Einsum) -> tuple[str, str, str]:
     return x, kernel, y
 
 
-def _specs(base: nnx.Linear | nnx.Einsum) -> tuple[str, str, int]:
-    """(x-to-rank einsum, rank-to-output einsum, number of kernel in-dims) for `base`."""
+def _specs(base: nnx.Linear | nnx.Einsum | nnx.Embed) -> tuple[str, str, int]:
+    """(x-to-rank einsum, rank-to-output einsum, number of kernel in-dims) for `base`; an
+    embedding's A is looked up by id, then "...r,rd->...d"."""
+    if isinstance(base, nnx.Embed):
+        return "", "...r,rd->...d", 1
     x, kernel, y = projection_letters(base)
     in_letters = "".join(c for c in kernel if c in x)
     if not kernel.startswith(in_letters):
@@ -88,10 +94,13 @@ def _specs(base: nnx.Linear | nnx.Einsum) -> tuple[str, str, int]:
 
 
 class LoRA(nnx.Module):
-    """`base(x) + alpha / rank * (dropout(x) . A) . B` around one Linear or Einsum projection.
+    """`base(x) + alpha / rank * (dropout(x) . A) . B` around one Linear or Einsum projection,
+    or `base(ids) + alpha / rank * A[ids] . B` around an Embed table (no dropout: its input
+    is an id; with tied embeddings `attend` uses the same updated table).
 
-    A is [*in_dims, rank] (uniform, std 1 / sqrt(3 fan_in) as in PEFT), B is [rank, *out_dims]
-    (zeros), so a fresh wrapper computes exactly `base(x)`.
+    A is [*in_dims, rank] (uniform, std 1 / sqrt(3 fan_in) as in PEFT; an id is one-hot, so a
+    table's fan-in is 1), B is [rank, *out_dims] (zeros), so a fresh wrapper computes exactly
+    `base(x)`. `weight` is the base's kernel or embedding table, whatever the kind.
 
     Dropout follows the model's convention (active only when `rngs` are passed, like
     `nnx.Dropout(..., deterministic=rngs is None)` in `Block`) rather than keeping a private
@@ -99,22 +108,23 @@ class LoRA(nnx.Module):
     train step (which merges a copy of the model inside `jax.grad`) would never advance it.
     """
 
-    def __init__(self, base: nnx.Linear | nnx.Einsum, rank: int, alpha: float, dropout: float = 0.0, *, rngs: nnx.Rngs):
-        if not isinstance(base, (nnx.Linear, nnx.Einsum)):
-            raise LoraError(f"LoRA wraps nnx.Linear or nnx.Einsum, not {type(base).__name__}.")
+    def __init__(self, base: nnx.Linear | nnx.Einsum | nnx.Embed, rank: int, alpha: float, dropout: float = 0.0, *,
+                 rngs: nnx.Rngs):  # fmt: skip
+        if not isinstance(base, ADAPTABLE):
+            raise LoraError(f"LoRA wraps nnx.Linear, nnx.Einsum or nnx.Embed, not {type(base).__name__}.")
         self.base = base
+        self.weight_name = weight_name(base)
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.a_spec, self.b_spec, n_in = _specs(base)
         self.num_in_dims = n_in
-        kernel = base.kernel
+        kernel = self.weight
         in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
         axes = kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim
         in_axes, out_axes = tuple(axes[:n_in]), tuple(axes[n_in:])
+        bound = 1.0 if isinstance(base, nnx.Embed) else 1 / math.sqrt(math.prod(in_shape))  # fan-in: all in-dims
 
-        uniform = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-
-        def a_init(key, shape, dtype):  # fan-in over all in-dims together
-            return uniform(key, (math.prod(in_shape), rank), dtype).reshape(shape)
+        def a_init(key, shape, dtype):
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
 
         def partitioned(init, axes):
             return nnx.with_partitioning(init, axes, eager_sharding=False)
@@ -126,14 +136,30 @@ class LoRA(nnx.Module):
         self.dropout = nnx.Dropout(dropout)
         self.merged = False  # static: merging is an export step, done outside jit
 
+    @property
+    def weight(self) -> nnx.Param:
+        return getattr(self.base, self.weight_name)
+
     def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         y = self.base(x)
         if self.merged:
             return y
+        if isinstance(self.base, nnx.Embed):
+            h, b = dtypes.promote_dtype((self.lora_a[...][x], self.lora_b[...]), dtype=self.base.dtype)
+            return y + (jnp.einsum(self.b_spec, h, b) * self.scale).astype(y.dtype)
         x = self.dropout(x, deterministic=rngs is None, rngs=rngs)
         x, a, b = dtypes.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.base.dtype)
         h = jnp.einsum(self.a_spec, x, a, precision=self.base.precision) * self.scale  # rank-wide
         return y + jnp.einsum(self.b_spec, h, b, precision=self.base.precision).astype(y.dtype)
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        """A tied table's output logits, `query . (E + Delta E)^T`, Delta E never materialised."""
+        y = self.base.attend(query)
+        if self.merged:
+            return y
+        q, a, b = dtypes.promote_dtype((query, self.lora_a[...], self.lora_b[...]), dtype=self.base.dtype)
+        h = jnp.einsum("...d,rd->...r", q, b) * self.scale
+        return y + jnp.einsum("...r,vr->...v", h, a).astype(y.dtype)
 
     def delta(self) -> jax.Array:
         """The scaled update alpha / rank * A @ B, in the kernel's shape (float32); stacked layers
@@ -142,23 +168,31 @@ class LoRA(nnx.Module):
         b = self.lora_b[...].astype(jnp.float32)
         lead = a.shape[: a.ndim - self.num_in_dims - 1]
         update = a.reshape(*lead, -1, self.rank) @ b.reshape(*lead, self.rank, -1)
-        return (self.scale * update).reshape(self.base.kernel.shape)
+        return (self.scale * update).reshape(self.weight.shape)
 
     def merge(self) -> None:
-        """Folds the update into the base kernel; forward then skips the adapter."""
+        """Folds the update into the base weight; forward then skips the adapter."""
         if self.merged:
             raise LoraError("this LoRA module is already merged; unmerge() it first.")
-        kernel = self.base.kernel
+        kernel = self.weight
         kernel[...] = (kernel[...].astype(jnp.float32) + self.delta()).astype(kernel.dtype)
         self.merged = True
 
     def unmerge(self) -> None:
-        """Subtracts the update back out of the base kernel (exact up to rounding)."""
+        """Subtracts the update back out of the base weight (exact up to rounding)."""
         if not self.merged:
             raise LoraError("this LoRA module is not merged; there is nothing to unmerge.")
-        kernel = self.base.kernel
+        kernel = self.weight
         kernel[...] = (kernel[...].astype(jnp.float32) - self.delta()).astype(kernel.dtype)
         self.merged = False
+
+
+ADAPTABLE = (nnx.Linear, nnx.Einsum, nnx.Embed)
+
+
+def weight_name(module: nnx.Module) -> str:
+    """The attribute holding an adaptable module's weight: "embedding" for a table, else "kernel"."""
+    return "embedding" if isinstance(module, nnx.Embed) else "kernel"
 
 
 def _path(parts) -> str:
@@ -171,16 +205,16 @@ def lora_modules(model: nnx.Module) -> list[tuple[str, LoRA]]:
 
 
 def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> list[str]:
-    """Wraps every Linear/Einsum whose path matches a target in place; returns their paths."""
+    """Wraps every Linear/Einsum/Embed whose path matches a target in place; returns their paths."""
     if lora_modules(model):
         raise LoraError("the model already has LoRA adapters; apply_lora once per model.")
-    projections = [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, (nnx.Linear, nnx.Einsum))]
+    projections = [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, ADAPTABLE)]
     chosen = [(p, m) for p, m in projections if any(re.search(t, _path(p)) for t in config.targets)]
     if not chosen:
         # Listing one layer is enough to see the naming scheme.
         names = [_path(p) for p, _ in projections if not re.search(r"layers/[1-9]", _path(p))]
         raise LoraError(
-            f"LoRA targets {list(config.targets)} match no projection. Patterns are searched "
+            f"LoRA targets {list(config.targets)} match no projection or embedding. Patterns are searched "
             f"(re.search) in module paths such as: {', '.join(sorted(names))}."
         )
     for parts, module in chosen:
@@ -188,15 +222,15 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> list
     return [_path(p) for p, _ in chosen]
 
 
-def _stacked_layers(parts: tuple, module: nnx.Linear | nnx.Einsum) -> int | None:
+def _stacked_layers(parts: tuple, module: nnx.Module) -> int | None:
     """How many layers a projection of a scanned model's stacked layers holds ("layers/attn/q",
     where an unrolled model has "layers/0/attn/q"); None for any other projection."""
     if len(parts) > 1 and parts[0] == "layers" and not isinstance(parts[1], int):
-        return module.kernel.shape[0]
+        return getattr(module, weight_name(module)).shape[0]
     return None
 
 
-def _wrap(module: nnx.Linear | nnx.Einsum, config: LoraConfig, layers: int | None, rngs: nnx.Rngs) -> LoRA:
+def _wrap(module: nnx.Module, config: LoraConfig, layers: int | None, rngs: nnx.Rngs) -> LoRA:
     def wrap(module, rngs):
         return LoRA(module, config.rank, config.alpha, config.dropout, rngs=rngs)
 

@@ -1,14 +1,15 @@
 """Elastic weight consolidation (EWC, Kirkpatrick et al. 2017) of LoRA fine-tuning (E2WM).
 
 `flanjax fisher` (`compute_fisher`) estimates the diagonal empirical Fisher of the base kernels
-that LoRA targets, on examples of a seqio task:
+(and embedding tables) that LoRA targets, on examples of a seqio task:
 
     F = mean over examples i of (d loss_i / d W)^2,   loss_i = example i's mean token loss
 
 and saves it beside the run (RUN/fisher/):
 
     fisher.safetensors   one float32 tensor per kernel, named by its projection's path
-                         ("layers.0.attn.q.kernel"; a scanned model's "layers.attn.q.kernel")
+                         ("layers.0.attn.q.kernel"; a scanned model's "layers.attn.q.kernel";
+                         a table's "embed.embedding")
     fisher.json          run, step, task, split, num_examples, targets, shapes
 
 The base weights stay frozen under LoRA, so theta - theta* is each adapter's update Delta W and
@@ -42,8 +43,8 @@ import safetensors.numpy
 from flax import nnx
 
 from flanjax.errors import FlanjaxError
-from flanjax.models.lora import LoRA, LoraConfig, lora_modules
-from flanjax.models.transformer import TransformerConfig
+from flanjax.models.lora import ADAPTABLE, LoRA, LoraConfig, lora_modules, weight_name
+from flanjax.models.transformer import TransformerConfig, new_model
 from flanjax.sharding import Partitioner, to_host
 from flanjax.train.losses import LossFn, Term, add_terms, lm_loss
 from flanjax.train.steps import TrainState, lm_init
@@ -103,7 +104,7 @@ def attach_fisher(model: nnx.Module, values: Sequence[jax.Array] | None = None) 
     `lora_modules` order) shaped and named (logical axes) like its kernel; returns them."""
     variables = []
     for i, (_, m) in enumerate(lora_modules(model)):
-        kernel = m.base.kernel
+        kernel = m.weight
         value = jnp.zeros(kernel.shape, jnp.float32) if values is None else jnp.asarray(values[i], jnp.float32)
         m.fisher = FisherDiagonal(value, out_sharding=kernel.get_metadata().get("out_sharding"), eager_sharding=False)
         variables.append(m.fisher)
@@ -140,9 +141,10 @@ def ewc_loss(loss_fn: LossFn, config: EwcConfig) -> LossFn:
 # --- which kernels ------------------------------------------------------------------------
 
 
-def kernel_name(path: str) -> str:
-    """A kernel's tensor name in a Fisher file: its projection's path, dotted ("layers.0.attn.q.kernel")."""
-    return path.replace("/", ".") + ".kernel"
+def kernel_name(path: str, weight: str = "kernel") -> str:
+    """A weight's tensor name in a Fisher file: its module's path, dotted ("layers.0.attn.q.kernel",
+    "embed.embedding")."""
+    return f"{path.replace('/', '.')}.{weight}"
 
 
 def target_kernels(model: nnx.Module, targets: Sequence[str]) -> dict[tuple, str]:
@@ -154,15 +156,17 @@ def target_kernels(model: nnx.Module, targets: Sequence[str]) -> dict[tuple, str
     for parts, m in nnx.iter_modules(model):
         path = "/".join(map(str, parts))
         if isinstance(m, LoRA):
-            kernel = (*parts, "base", "kernel")
-        elif isinstance(m, (nnx.Linear, nnx.Einsum)) and path.removesuffix("/base") not in wrapped:
-            kernel = (*parts, "kernel")
+            name = m.weight_name
+            kernel = (*parts, "base", name)
+        elif isinstance(m, ADAPTABLE) and path.removesuffix("/base") not in wrapped:
+            name = weight_name(m)
+            kernel = (*parts, name)
         else:
             continue
         if any(re.search(t, path) for t in targets):
-            found[kernel] = kernel_name(path)
+            found[kernel] = kernel_name(path, name)
     if not found:
-        raise FisherError(f"targets {list(targets)} match no projection of the model: give LoRA target regexes, e.g. 'attn/q$'.")
+        raise FisherError(f"targets {list(targets)} match no projection or embedding of the model: give LoRA target regexes, e.g. 'attn/q$'.")
     return found
 
 
@@ -330,7 +334,7 @@ def check_fisher(tensors: Mapping[str, np.ndarray], info: Mapping, model: nnx.Mo
     if not modules:
         raise FisherError("EWC penalises LoRA updates, and this model has no LoRA adapters: set lm.train.lora "
                           "(e.g. include configs/runs/lora.gin).")  # fmt: skip
-    wanted = {kernel_name(path): m.base.kernel.shape for path, m in modules}
+    wanted = {kernel_name(path, m.weight_name): m.weight.shape for path, m in modules}
     fix = (f"Compute the Fisher of the model this run starts from, for its LoRA targets (`flanjax fisher --run RUN "
            f"--task TASK --num_examples N --targets REGEX...`), or set lora.LoraConfig.targets to the Fisher's "
            f"{info.get('targets')}.")  # fmt: skip
@@ -349,7 +353,7 @@ def check_fisher(tensors: Mapping[str, np.ndarray], info: Mapping, model: nnx.Mo
     if extra:
         raise FisherError(f"the Fisher in {where} covers kernel {extra[0]}, which LoRA does not adapt ({len(extra)} such). "
                           f"{fix}")  # fmt: skip
-    return [tensors[kernel_name(path)] for path, _ in modules]
+    return [tensors[kernel_name(path, m.weight_name)] for path, m in modules]
 
 
 def read_checked_fisher(path: str, model: nnx.Module, origin: tuple[str, int] | None = None) -> list[np.ndarray]:
@@ -364,6 +368,15 @@ def read_checked_fisher(path: str, model: nnx.Module, origin: tuple[str, int] | 
         console.print(f"[yellow]Warning:[/] the Fisher in {fisher_directory(path)} was computed at {info.get('run')} step "
                       f"{info.get('step')}, but the adapters start from {origin[0]} step {origin[1]}.")  # fmt: skip
     return checked
+
+
+def fisher_for_run(config: EwcConfig, model: TransformerConfig, lora: LoraConfig | None,
+                   origin: tuple[str, int] | None) -> list[np.ndarray]:  # fmt: skip
+    """`lm.train`'s Fisher, read and checked against the LoRA model before anything compiles."""
+    if lora is None:
+        raise FisherError("EWC (lm.train.ewc) penalises LoRA updates, but the run trains no adapters: set "
+                          "lm.train.lora (e.g. include configs/runs/lora.gin), or drop lm.train.ewc.")  # fmt: skip
+    return read_checked_fisher(config.fisher, nnx.eval_shape(lambda: new_model(model, lora)), origin)
 
 
 def place_fisher(values: Sequence[np.ndarray], abstract_state: nnx.State) -> list[jax.Array]:

@@ -30,7 +30,7 @@ from flanjax.rundir.files import resolve_checkpoint, restore_weights
 from flanjax.rundir.metrics import console
 from flanjax.sharding import MeshConfig, Partitioner
 from flanjax.train import throughput, trainer
-from flanjax.train.ewc import EwcConfig, FisherError, ewc_init, ewc_loss, place_fisher, read_checked_fisher
+from flanjax.train.ewc import EwcConfig, ewc_init, ewc_loss, fisher_for_run, place_fisher
 from flanjax.train.loop import LoopConfig, LoopResult
 from flanjax.train.losses import lm_loss
 from flanjax.train.optim import OptimizerConfig, make_optimizer, make_schedule
@@ -92,11 +92,7 @@ def train(
     elif loop.num_steps is None:
         raise ValueError("give the training length: TRAIN_STEPS (loop.LoopConfig.num_steps) or lm.train.epochs.")
     origin = None if init_checkpoint is None else resolve_checkpoint(init_checkpoint)
-    if ewc is not None:  # before compiling: a missing or mismatched Fisher fails now
-        if lora is None:
-            raise FisherError("EWC (lm.train.ewc) penalises LoRA updates, but the run trains no adapters: set "
-                              "lm.train.lora (e.g. include configs/runs/lora.gin), or drop lm.train.ewc.")  # fmt: skip
-        fisher = read_checked_fisher(ewc.fisher, nnx.eval_shape(lambda: new_model(model, lora)), origin)
+    fisher = ewc and fisher_for_run(ewc, model, lora, origin)  # before compiling: a bad Fisher fails now
     stops = () if dialogue is None else (eot_id(vocabulary.tokenizer, dialogue),)  # decoding ends a reply there
     batches = SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process, seed=seed, pack=pack, shuffle=shuffle)
     loss = lm_loss(z_loss, loss_chunk_size)
