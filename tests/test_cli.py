@@ -280,7 +280,7 @@ CKPT = ("--gin.checkpoint.CheckpointConfig.every_steps=20", "--gin.loop.LoopConf
 
 @pytest.mark.slow
 def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
-    steps = 300
+    steps = 120
     straight = _spawn(tmp_path / "straight", steps, *CKPT)
     assert straight.wait() == 0, straight.stdout.read()
 
