@@ -52,10 +52,11 @@ quickstart-e2wm: $(STAMP)
 	test -f $(E2WM_DIR)/world/summary.json || $(VENV)/bin/flanjax world generate --out $(E2WM_DIR)/world \
 		--homes 30 --seed 0 --simulations 500 --stories_per_home 6 --counting_steps 5 --path_sentences 6 10
 	test -f runs/quickstart/fisher/fisher.json || $(VENV)/bin/flanjax fisher --run runs/quickstart --task quickstart \
-		--num_examples 512 --inputs_length 40 --targets_length 24 --targets 'attn/(q|k|v|o)$$' 'mlp/(gate|up|down)$$' 'lm_head$$'
+		--num_examples 512 --inputs_length 40 --targets_length 24 --targets '^embed$$' 'attn/(q|k|v|o)$$' 'mlp/(gate|up|down)$$' 'lm_head$$'
 	$(E2WM)
 	$(E2WM) --gin.MODEL_DIR="'$(E2WM_DIR)/lora'" --gin.lm.train.ewc=None
-	$(E2WM) --gin.MODEL_DIR="'$(E2WM_DIR)/full'" --gin.lm.train.ewc=None --gin.lm.train.lora=None
+	$(E2WM) --gin.MODEL_DIR="'$(E2WM_DIR)/full'" --gin.lm.train.ewc=None --gin.lm.train.lora=None \
+		--gin.optim.OptimizerConfig.learning_rate=3e-3
 	$(PY) -m tasks.e2wm.quickstart report
 
 # Two test processes (pytest-xdist): about 28 minutes on 2 cores.
