@@ -3,8 +3,8 @@
 `apply_lora` replaces the chosen `nnx.Linear` / `nnx.Einsum` projections in place by a
 `LoRA` wrapper computing `base(x) + alpha / rank * (x @ A) @ B`; an `nnx.Embed` table gets
 `base(ids) + alpha / rank * A[ids] @ B` (the same update with a one-hot input, as PEFT adapts
-`nn.Embedding`): new vocabulary, or words the base model never learnt, need it, since a
-frozen table cannot tell them apart. The base weight stays an
+`nn.Embedding`): tokens added to the vocabulary need it, since `add_tokens` starts their rows
+all equal (the mean row) and a frozen table cannot tell them apart. The base weight stays an
 `nnx.Param`; A and B are `nnx.LoRAParam`s, so `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`
 trains the adapters only (note that `LoRAParam` subclasses `Param`: a `wrt=nnx.Param` filter
 trains everything). A and B carry logical axes ("lora_rank" for the rank) like every other
