@@ -59,7 +59,7 @@ quickstart-e2wm: $(STAMP)
 		--gin.optim.OptimizerConfig.learning_rate=3e-3
 	$(PY) -m tasks.e2wm.quickstart report
 
-# Two test processes (pytest-xdist): about 28 minutes on 2 cores.
+# Two test processes (pytest-xdist): about 20 minutes on 2 cores.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
