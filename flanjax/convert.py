@@ -1,11 +1,13 @@
-"""`flanjax convert`: Hugging Face checkpoints into flanjax run directories and back.
+"""`flanjax convert` and `flanjax grow`: run directories made from other weights, Hugging Face
+checkpoints (and back) or a smaller trained model grown (`flanjax.models.grow`).
 
     flanjax convert from-hf --in hf/Llama-3.2-1B --out runs/llama1b [--add_tokens "<|eot|>"]
     flanjax train --gin_file=configs/runs/sft.gin --gin_file=runs/llama1b/model.gin ...
     flanjax convert to-hf --in runs/my_sft --out hf/my_sft
+    flanjax grow --in runs/small --out runs/grown --d_model 1024 --num_layers 24
 
-A converted run directory holds an Orbax checkpoint of the weights (step 0), `model.json`,
-the source's `hf_config.json`, its tokenizer (`tokenizer/`) and `model.gin`, which binds the
+A converted (or grown) run directory holds an Orbax checkpoint of the weights (step 0), `model.json`,
+the source's `hf_config.json` (from-hf only), its tokenizer (`tokenizer/`) and `model.gin`, which binds the
 model, `lm.train.init_checkpoint` and the tokenizer: including it is enough to train from it.
 """
 
@@ -15,15 +17,20 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 from flax import nnx
 
-from flanjax.rundir.files import TOKENIZER_DIR, lineage, resolve_checkpoint, restore, run_vocabulary, write_model_config
+from flanjax.rundir.files import (TOKENIZER_DIR, lineage, read_lora_config, read_model_config, resolve_checkpoint, restore,
+                                  restore_weights, run_vocabulary, write_model_config, write_tokenizer)
+from flanjax.rundir.metrics import console
 from flanjax.models import hf
+from flanjax.models.grow import Depth, GrowthError, check_growth, grow_params, grown_config
 from flanjax.models.lora import remove_lora
-from flanjax.models.transformer import TransformerConfig
-from flanjax.sharding import MeshConfig, Partitioner
+from flanjax.models.transformer import Transformer, TransformerConfig
+from flanjax.sharding import MeshConfig, Partitioner, shardings_of
 from flanjax.rundir.checkpoint import Checkpointer, CheckpointConfig
 
 HF_CONFIG_FILE = "hf_config.json"  # the Hugging Face config a run descends from
@@ -69,19 +76,19 @@ def from_hf(
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(run_dir, TOKENIZER_DIR))
         with open(os.path.join(run_dir, "model.gin"), "w") as f:
-            f.write(model_gin(model.config, run_dir, source, tokenizer is not None))
+            f.write(model_gin(model.config, run_dir, f"{source} converted by `flanjax convert from-hf`", tokenizer is not None))
     return model.config
 
 
-def model_gin(config: TransformerConfig, run_dir: str, source: str, tokenizer: bool) -> str:
-    """A gin file binding `config` as MODEL, the converted weights as the initial checkpoint
-    and the converted tokenizer as the templated tasks' tokenizer."""
+def model_gin(config: TransformerConfig, run_dir: str, origin: str, tokenizer: bool) -> str:
+    """A gin file binding `config` as MODEL, the run's weights as the initial checkpoint and its
+    tokenizer as the templated tasks' tokenizer; `origin` says where the weights came from."""
     run_dir = os.path.abspath(run_dir)
     # Every field that says what the checkpoint holds (all of them: they must win over an earlier
     # model file), not dropout, which is how to train it (a recipe such as lima.gin sets it).
     fields = [f"  {f.name} = {getattr(config, f.name)!r}" for f in dataclasses.fields(config) if "dropout" not in f.name]
     lines = [
-        f"# {source} converted by `flanjax convert from-hf`. Include this file after a run file (such as",
+        f"# {origin}. Include this file after a run file (such as",
         "# configs/runs/sft.gin) to train from these weights with this model's tokenizer.",
         "from __gin__ import dynamic_registration",
         "from flanjax.data import vocab",
@@ -123,3 +130,52 @@ def to_hf(checkpoint: str, out_dir: str, *, mesh: MeshConfig = MeshConfig(data=1
     if vocabulary is not None and jax.process_index() == 0:
         shutil.copytree(vocabulary.path, out_dir, dirs_exist_ok=True)
     return out_dir
+
+
+def grow(
+    in_dir: str,
+    out_dir: str,
+    new: TransformerConfig | Mapping[str, Any],
+    *,
+    depth: Depth = "zero",
+    noise: float = 0.0,
+    seed: int = 0,
+    mesh: MeshConfig = MeshConfig(data=1, fsdp=-1),
+) -> str:
+    """Writes into `out_dir` the run directory of the model of `in_dir` (a run directory or one
+    of its step directories) grown to `new` (a config, or overrides of the trained one), as
+    `flanjax convert from-hf` writes one: model.json, tokenizer/, model.gin (which binds the
+    model, the tokenizer and `lm.train.init_checkpoint`) and the weights as step 0. Returns
+    that checkpoint's path."""
+    run_dir, step = resolve_checkpoint(in_dir)
+    if read_lora_config(run_dir) is not None:
+        raise GrowthError(
+            f"{run_dir} trains LoRA adapters (lora.json): growth reads plain weights. Merge the adapters first: "
+            f"`flanjax convert to-hf --in {run_dir} --out HF_DIR` (it merges them), then `flanjax convert from-hf "
+            "--in HF_DIR --out MERGED_RUN`, and grow MERGED_RUN."
+        )
+    if Checkpointer(out_dir, read_only=True).latest_step() is not None:
+        raise GrowthError(f"{out_dir} already holds checkpoints; grow into a new directory.")
+    old = read_model_config(run_dir)
+    new = grown_config(old, new)
+    check_growth(old, new, depth, noise)  # before any weights are read
+    partitioner = Partitioner.from_config(mesh)
+    weights = nnx.to_pure_dict(restore_weights(run_dir, step, old, partitioner)[1])
+    abstract = nnx.to_pure_dict(partitioner.abstract_state(lambda: Transformer(new, rngs=nnx.Rngs(0)))[1])
+    with partitioner.activate():  # grown on the devices, straight into the new model's shardings
+        grow = jax.jit(lambda w: grow_params(w, old, new, depth=depth, noise=noise, seed=seed), out_shardings=shardings_of(abstract))
+        grown = grow(weights)
+    source = f"{run_dir} step {step}"
+    origin = f"{source} grown by `flanjax grow` (depth={depth}, noise={noise:g})"
+    if jax.process_index() == 0:  # the descriptions first: a checkpoint is never there without them
+        write_model_config(out_dir, new)
+        vocabulary = run_vocabulary(run_dir)
+        write_tokenizer(out_dir, vocabulary)
+        with open(os.path.join(out_dir, "model.gin"), "w") as f:
+            f.write(model_gin(new, out_dir, origin, vocabulary is not None))
+    checkpointer = Checkpointer(out_dir, CheckpointConfig(async_save=False))
+    checkpointer.save(0, {"model": grown})  # the trained state's `model`, alone, as from-hf writes it
+    checkpointer.close()
+    console.print(f"Grew {source} ({old.num_params() / 1e6:.2f}M parameters) into {out_dir} "
+                  f"({new.num_params() / 1e6:.2f}M, depth={depth}, noise={noise:g})")  # fmt: skip
+    return os.path.join(os.path.abspath(out_dir), "checkpoints", "0")
