@@ -1,6 +1,8 @@
 """Labelers: ranking by scores, rubrics, human labels and mixing, and the model judge checked
 against the model's own logits computed directly."""
 
+import itertools
+import json
 import os
 import sys
 
@@ -21,8 +23,11 @@ from flanjax.rlhf.feedback import (
     MixedLabeler,
     RubricLabeler,
     RubricNotFoundError,
+    agreement,
+    judge_report,
     label_all,
     load_rubric,
+    position_bias,
     scores_to_comparison,
 )
 from flanjax.sharding import MeshConfig, Partitioner
@@ -211,3 +216,100 @@ def test_judge_errors(judge_model):
     judge = JudgeLabeler(graphdef, state, vocabulary, partitioner)
     with pytest.raises(JudgeInputTooLongError, match="max_len=128"):
         judge("q", ["word " * 100, "short"], "")
+
+
+# --- how far to trust a judge: position bias, agreement with humans -------------------------------
+
+
+def test_position_bias_and_agreement_by_hand():
+    # P(the first-shown answer is better), each pair shown as (a, b) then as (b, a).
+    p_ab = [0.9, 0.6, 0.3, 0.2, 0.7]
+    p_ba = [0.2, 0.8, 0.4, 0.9, 0.55]
+    # Verdicts: a then a (kept); a then b (flip); b then a (flip: "the second" both times);
+    # b then b (kept); a then b (flip).
+    got = position_bias(p_ab, p_ba)
+    assert got["position_flip_rate"] == pytest.approx(3 / 5)
+    assert got["first_position_preference"] == pytest.approx(5.55 / 10)
+    assert got["judged_pairs"] == 5
+    assert position_bias([], []) == {"position_flip_rate": None, "first_position_preference": None, "judged_pairs": 0}
+
+    got = agreement([0.8, 0.4, 0.6, 0.1], [True, True, False, False])  # agrees on the first and the last
+    assert got == {"human_agreement": pytest.approx(0.5), "human_pairs": 4}
+    assert agreement([], []) == {"human_agreement": None, "human_pairs": 0}
+    with pytest.raises(LabelError, match="one probability per pair in each order"):
+        position_bias([0.5, 0.2], [0.1])
+    with pytest.raises(LabelError, match="one judge probability per human label"):
+        agreement([0.5], [True, False])
+
+
+def test_judge_report_is_what_scoring_the_swapped_pairs_directly_gives(judge_model):
+    from flanjax.data.preferences import comparison
+
+    graphdef, state, vocabulary = judge_model
+    judge = JudgeLabeler(graphdef, state, vocabulary, Partitioner.from_config(MeshConfig()), batch_size=8, width_multiple=32)
+    sampled = {"Which digit is the largest: 3, 9, 1?": [" 9", " 3", " the largest is 1"], "Name a colour.": [" red", " blue", " 7"]}
+    for prompt, responses in sampled.items():
+        judge(prompt, responses, "")
+    human = [
+        comparison("Which digit is the largest: 3, 9, 1?", [" 3", " 9"]),  # a sampled pair, in the other order
+        comparison("Say hi.", [" hi", " bye"]),  # not sampled: the report judges it
+        comparison("Name a colour.", [" red", " blue", " 7"], [0, 1, 1]),  # blue and 7 tie: no pair
+    ]
+    report = judge_report(judge, human)
+
+    # Every pair the judge saw, scored again in each order with the other one swapped in.
+    pairs = [(p, a, b) for p, rs in {**sampled, "Say hi.": [" hi", " bye"]}.items() for a, b in itertools.combinations(rs, 2)]
+    prompts, first, second = ([pair[k] for pair in pairs] for k in range(3))
+    ab, ba = (1 / (1 + np.exp(-judge.log_odds(prompts, x, y, [""] * len(pairs)))) for x, y in ((first, second), (second, first)))
+    assert report["judged_pairs"] == len(pairs) == 7
+    assert report["position_flip_rate"] == pytest.approx(np.mean((ab > 0.5) == (ba > 0.5)))
+    assert report["first_position_preference"] == pytest.approx(np.mean([*ab, *ba]), abs=1e-6)
+
+    better_first = {(p, a, b): 0.5 * (x + 1 - y) for (p, a, b), x, y in zip(pairs, ab, ba)}  # P(a beats b)
+    human_pairs = [("Which digit is the largest: 3, 9, 1?", " 3", " 9"), ("Say hi.", " hi", " bye"),
+                   ("Name a colour.", " red", " blue"), ("Name a colour.", " red", " 7")]  # (prompt, better, worse)  # fmt: skip
+    agrees = [better_first[p, w, l] > 0.5 if (p, w, l) in better_first else better_first[p, l, w] < 0.5 for p, w, l in human_pairs]
+    assert report["human_pairs"] == 4
+    assert report["human_agreement"] == pytest.approx(np.mean(agrees))
+
+
+def test_flanjax_label_prints_and_writes_the_judges_report(judge_model, tmp_path, monkeypatch, capsys):
+    """`flanjax label` with a judge, human labels to mix in and more to compare with only
+    (sampling stubbed out: the judge's report is what is under test)."""
+    from flanjax import cli
+    from flanjax.data.preferences import comparison
+    from flanjax.rlhf import sampling
+
+    graphdef, state, vocabulary = judge_model
+    judges = []
+
+    def from_run(cls, path, vocab, partitioner, **kwargs):
+        judges.append(cls(graphdef, state, vocab, partitioner, batch_size=8, width_multiple=32))
+        return judges[-1]
+
+    def label(policy, task, labeler, out, partitioner, **kwargs):
+        prompts = ["Name a colour.", "Say hi."]
+        comparisons, _, _ = label_all(labeler, prompts, [[" red", " blue", " 7"], [" hi", " bye"]])
+        write_comparisons(out, comparisons)
+        return comparisons
+
+    monkeypatch.setattr(JudgeLabeler, "from_run", classmethod(from_run))
+    monkeypatch.setattr(sampling, "label", label)
+    mixed = write_comparisons(str(tmp_path / "human.jsonl"), [comparison("Say hi.", [" hi", " bye"])])
+    compared = write_comparisons(str(tmp_path / "held_out.jsonl"), [comparison("Name a colour.", [" blue", " red"])])
+    out = tmp_path / "prefs" / "train.jsonl"
+    capsys.readouterr()
+    assert cli.main(["label", "--policy", "unused", "--task", "quickstart", "--labeler", f"human:{mixed}", "--labeler", "judge:unused",
+                     "--compare_human", compared, "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out.splitlines()
+    summary = json.loads(printed[-1])
+    assert summary == json.loads((tmp_path / "prefs" / "train.summary.json").read_text())
+    assert summary["comparisons"] == 2 and summary["by_source"] == {"human": 1, "judge": 1}
+    expected = judge_report(judges[0], [*read_comparisons(mixed), *read_comparisons(compared)])  # judges nothing new now
+    assert {k: summary[k] for k in expected} == expected
+    assert summary["human_pairs"] == 2 and summary["judged_pairs"] == 4  # 3 sampled pairs + the human pair it had not seen
+    assert any("verdict flips when A and B swap" in line for line in printed)
+
+    assert cli.main(["label", "--policy", "unused", "--task", "quickstart", "--labeler", f"human:{mixed}",
+                     "--compare_human", compared, "--out", str(out)]) == 2  # fmt: skip
+    assert "add --labeler judge:RUN_DIR" in capsys.readouterr().err

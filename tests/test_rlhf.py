@@ -17,7 +17,20 @@ from flanjax.decode import SamplingConfig
 from flanjax.models.heads import ScoreModel, ValueHead
 from flanjax.models.transformer import Transformer, TransformerConfig, new_model
 from flanjax.rlhf.kl import KLConfig
-from flanjax.rlhf.ppo import Graphs, PPOConfig, PPOStep, concat_responses, ppo_init, response_logprobs, response_values
+from flanjax.rlhf.ppo import (
+    Graphs,
+    LMTerm,
+    PPOConfig,
+    PPOConfigError,
+    PPOStep,
+    RLHFBatches,
+    concat_responses,
+    ppo_init,
+    ppo_loss,
+    response_logprobs,
+    response_values,
+    split_batch,
+)
 from flanjax.rlhf.reward import RewardModelError, pairwise_loss, sequence_scores
 from flanjax.sharding import MeshConfig, Partitioner, make_mesh
 
@@ -138,7 +151,7 @@ def bandit_reward(table, tokens, lengths):
     return table[last]
 
 
-def ppo_setup(partitioner, *, config=PPOConfig(), kl=KLConfig(init_beta=0.0), tx=optax.adam(3e-3), seed=0, lora=None):
+def ppo_setup(partitioner, *, config=PPOConfig(), kl=KLConfig(init_beta=0.0), tx=optax.adam(3e-3), seed=0, lora=None, lm_terms=()):
     value = None if config.value_on_policy_trunk else TINY
     init = ppo_init(TINY, value, tx, tx, init_beta=kl.init_beta, seed=seed, lora=lora, ema=config.ema_decay is not None)
     state_def, abstract = partitioner.abstract_state(init)
@@ -150,7 +163,7 @@ def ppo_setup(partitioner, *, config=PPOConfig(), kl=KLConfig(init_beta=0.0), tx
     step = PPOStep(
         Graphs(state_def, policy_def, plain_def), abstract, partitioner, reference=reference, reward_fn=bandit_reward,
         reward_params=table, sampling=SamplingConfig(max_new_tokens=1, temperature=1.0), eos_id=1,
-        config=config, kl=kl, seed=seed,
+        config=config, kl=kl, seed=seed, lm_terms=lm_terms,
     )  # fmt: skip
     return state, step, policy_def
 
@@ -264,13 +277,139 @@ def test_a_lora_policys_reference_is_itself_with_adapters_off():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7), jax.device_get(with_copy), jax.device_get(without))
 
 
+# --- PPO's auxiliary LM terms (PPO-ptx, BatGPT's SFT term) -------------------------------------
+
+
+def lm_features(seed: int, b: int = 4, n: int = 8, prompt: int = 3) -> dict[str, np.ndarray]:
+    """Decoder features of `b` unpacked rows, loss on the targets only (after `prompt` tokens)."""
+    targets = np.random.default_rng(seed).integers(2, TINY.vocab_size, (b, n)).astype(np.int32)
+    return {
+        "decoder_target_tokens": targets,
+        "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
+        "decoder_loss_weights": (np.arange(n)[None, :].repeat(b, 0) >= prompt).astype(np.float32),
+        "decoder_positions": np.arange(n, dtype=np.int32)[None, :].repeat(b, 0),
+        "decoder_segment_ids": np.ones((b, n), np.int32),
+    }
+
+
+def test_lm_terms_add_coef_times_their_lm_gradient_to_ppos():
+    """The gradient of PPO's loss with two LM terms is PPO's own gradient plus each coef times
+    the gradient of that term's LM loss alone; the value model's gradient is PPO's."""
+    from flanjax.train.losses import lm_loss
+
+    policy, value = Transformer(TINY, rngs=nnx.Rngs(0)), ScoreModel(TINY, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(0)
+    b, n = 4, 3
+    prompt_lengths, lengths = jnp.asarray([2, 3, 1, 4]), jnp.asarray([3, 1, 2, 3])
+    tokens = concat_responses(jnp.asarray(rng.integers(2, 16, (b, 4))), prompt_lengths, jnp.asarray(rng.integers(2, 16, (b, n))))
+    mask = (jnp.arange(n)[None, :] < lengths[:, None]).astype(jnp.float32)
+    normal = lambda: jnp.asarray(rng.normal(size=(b, n)), jnp.float32)  # noqa: E731
+    rollout = dict(tokens=tokens, prompt_lengths=prompt_lengths, lengths=lengths, mask=mask, logp=-2.8 + 0.1 * normal(),
+                   values=normal(), advantages=normal(), returns=normal())  # fmt: skip
+    terms = {"ptx": lm_features(1), "sft": lm_features(2, b=2, prompt=5)}
+    coefs = {"ptx": 0.7, "sft": 2.5}
+    config = PPOConfig(entropy_coef=0.01)
+    lm = lm_loss()
+
+    @nnx.jit
+    def gradients(policy, value):
+        both, metrics = nnx.grad(lambda p, v: ppo_loss(config, n, coefs)(p, v, (rollout, terms)), argnums=(0, 1), has_aux=True)(policy, value)
+        alone = nnx.grad(lambda p, v: ppo_loss(config, n)(p, v, (rollout, {}))[0], argnums=(0, 1))(policy, value)
+        each = {name: nnx.value_and_grad(lambda p: lm(p, terms[name], None)[0])(policy) for name in coefs}  # noqa: B023
+        return both, alone, each, metrics
+
+    pure = jax.tree.map(lambda x: nnx.to_pure_dict(x) if isinstance(x, nnx.State) else x, gradients(policy, value),
+                        is_leaf=lambda x: isinstance(x, nnx.State))  # fmt: skip
+    (both_p, both_v), (alone_p, alone_v), each, metrics = jax.device_get(pure)
+    expected = jax.tree.map(lambda a, ptx, sft: a + coefs["ptx"] * ptx + coefs["sft"] * sft, alone_p, each["ptx"][1], each["sft"][1])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), both_p, expected)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), both_v, alone_v)
+    for name, (loss, grads) in each.items():
+        assert float(optax.global_norm(grads)) > 0  # the term does move the policy
+        np.testing.assert_allclose(metrics[f"{name}_loss"], loss, rtol=1e-6)
+
+
+def test_a_ppo_iteration_with_two_lm_terms_logs_each():
+    partitioner = Partitioner(make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]))
+    terms = (LMTerm("ptx", "unused", {}, batch_size=4, coef=0.5), LMTerm("sft", "unused", {}, batch_size=2, coef=1.0))
+    with partitioner.activate():
+        state, step, _ = ppo_setup(partitioner, config=PPOConfig(epochs=1, num_minibatches=2), lm_terms=terms)
+        features = {f"ptx/{k}": v for k, v in lm_features(1).items()} | {f"sft/{k}": v for k, v in lm_features(2, b=2).items()}
+        batch = {**bandit_batch(partitioner, 8), **partitioner.shard_batch(features)}
+        state, metrics = step(state, batch)
+        assert float(metrics["ptx_loss"]) > 0 and float(metrics["sft_loss"]) > 0
+        assert np.isfinite(float(metrics["policy_loss"]))
+        with pytest.raises(PPOConfigError, match=r"LM batches \['ptx'\] but the step was built for LM terms \['ptx', 'sft'\]"):
+            step(state, {k: v for k, v in batch.items() if not k.startswith("sft/")})
+
+
+class ListBatches:
+    """Endless batches of fixed rows (plus the number of batches read), for `RLHFBatches`."""
+
+    def __init__(self, rows: dict[str, np.ndarray]):
+        self.rows, self.position = rows, 0
+
+    def __next__(self):
+        self.position += 1
+        return {k: v + self.position for k, v in self.rows.items()}
+
+    def element_spec(self):
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in self.rows.items()}
+
+    def get_state(self):
+        return {"position": self.position}
+
+    def set_state(self, state):
+        self.position = state.get("position", 0)
+
+    def close(self):
+        pass
+
+
+def test_rlhf_batches_prefix_each_terms_keys_and_keep_its_state_by_name():
+    prompts = ListBatches({"prompts": np.zeros((2, 3), np.int32), "prompt_lengths": np.ones(2, np.int32)})
+    batches = RLHFBatches(prompts, {"ptx": ListBatches({"decoder_target_tokens": np.zeros((4, 5), np.int32)}),
+                                    "sft": ListBatches({"decoder_target_tokens": np.zeros((2, 6), np.int32)})})  # fmt: skip
+    assert set(batches.element_spec()) == {"prompts", "prompt_lengths", "ptx/decoder_target_tokens", "sft/decoder_target_tokens"}
+    prompt_features, lm_batches = split_batch(next(batches))
+    assert set(prompt_features) == {"prompts", "prompt_lengths"}
+    assert {k: v["decoder_target_tokens"].shape for k, v in lm_batches.items()} == {"ptx": (4, 5), "sft": (2, 6)}
+    next(batches)
+    # A PPO-ptx run's iterator state ({"prompts", "ptx"}) reads back into the term "ptx".
+    assert batches.get_state() == {"prompts": {"position": 2}, "ptx": {"position": 2}, "sft": {"position": 2}}
+    batches.set_state({"prompts": {"position": 5}, "ptx": {"position": 7}})
+    assert (prompts.position, batches.terms["ptx"].position, batches.terms["sft"].position) == (5, 7, 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lm_terms": [LMTerm("sft", "quickstart", {}, 8), LMTerm("sft", "quickstart", {}, 8)]}, r"named \['sft'\] more than once"),
+        ({"ptx": "PTX", "lm_terms": [LMTerm("ptx", "quickstart", {}, 8)]}, r"\['ptx'\] more than once \(ppo.train_ppo.ptx is"),
+        ({"lm_terms": [LMTerm("sft", "quickstart", {}, 10)]}, "batch_size 10 of LM term 'sft' does not split into 4 minibatches"),
+        ({"ptx": "PTX"}, "batch_size 8 of LM term 'ptx': minibatches of 2 rows do not split over the 8 data-parallel"),
+        ({"lm_terms": [LMTerm("my-sft", "quickstart", {}, 32)]}, "LM term name 'my-sft': use a Python identifier"),
+        ({"lm_terms": [LMTerm("prompts", "quickstart", {}, 32)]}, "other than 'prompts'"),
+    ],
+)
+def test_bad_lm_terms_are_refused_before_anything_loads(tmp_path, kwargs, message):
+    from flanjax.rlhf.ppo import PtxConfig, train_ppo
+    from flanjax.train.loop import LoopConfig
+
+    if kwargs.get("ptx") == "PTX":
+        kwargs = {**kwargs, "ptx": PtxConfig("quickstart", {}, batch_size=8)}
+    with pytest.raises(PPOConfigError, match=message):
+        train_ppo(model_dir=str(tmp_path), policy_checkpoint="sft", reward_checkpoint="rm", mixture_or_task_name="quickstart",
+                  batch_size=32, loop=LoopConfig(num_steps=1), **kwargs)  # fmt: skip
+
+
 # --- the command line, end to end ---------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_label_reward_ppo_sample_from_the_command_line(tmp_path, capsys):
-    """A tiny SFT run -> rubric labels -> reward model -> PPO (with PPO-ptx and EMA; resumed) ->
-    best-of-n, through `flanjax` and the demo's run configs."""
+    """A tiny SFT run -> rubric labels -> reward model -> PPO (with PPO-ptx and EMA; resumed; LoRA
+    with an SFT term too) -> best-of-n, through `flanjax` and the demo's run configs."""
     import gin
 
     from flanjax import cli
@@ -312,11 +451,16 @@ def test_label_reward_ppo_sample_from_the_command_line(tmp_path, capsys):
         assert np.isfinite(rows[-1][key]), key
     assert rows[-1]["ptx_loss"] > 0
     assert (tmp_path / "ppo" / "kl.png").exists() and (tmp_path / "ppo" / "reward.png").exists()
-    # A LoRA policy (configs/runs/ppo_lora.gin): adapters trained, the reference its own base.
+    # A LoRA policy (configs/runs/ppo_lora.gin): adapters trained, the reference its own base;
+    # an SFT term (BatGPT) beside PPO-ptx's first spelling.
+    sft_term = ["--gin.ppo.train_ppo.lm_terms=[@sft/ppo.LMTerm()]", "--gin.sft/ppo.LMTerm.name='sft'",
+                "--gin.sft/ppo.LMTerm.mixture_or_task_name='quickstart'", "--gin.sft/ppo.LMTerm.batch_size=16",
+                "--gin.sft/ppo.LMTerm.task_feature_lengths={'inputs': 48, 'targets': 16}", "--gin.sft/ppo.LMTerm.coef=0.5"]  # fmt: skip
     assert main([*ppo[:2], "--gin_file=configs/runs/ppo_lora.gin", f"--gin.MODEL_DIR='{tmp_path / 'ppo_lora'}'", *ppo[3:],
-                 "--gin.TRAIN_STEPS=1"]) == 0  # fmt: skip
+                 *sft_term, "--gin.TRAIN_STEPS=1"]) == 0  # fmt: skip
     assert json.load(open(tmp_path / "ppo_lora" / "lora.json"))["rank"] == 8
-    assert np.isfinite(read_metrics(str(tmp_path / "ppo_lora" / "metrics.jsonl"))[-1]["kl"])
+    last = read_metrics(str(tmp_path / "ppo_lora" / "metrics.jsonl"))[-1]
+    assert np.isfinite(last["kl"]) and last["ptx_loss"] > 0 and last["sft_loss"] > 0
 
     capsys.readouterr()
     assert main(["sample", "--policy", policy, "--reward", rm, "--best_of", "3", "--task", "quickstart_max",

@@ -13,6 +13,8 @@ preference" (fewer than two distinct responses, or all tied). Four kinds:
     MixedLabeler([...])  the first labeler with an answer wins (human where present, AI else)
 
 `label_all` runs a labeler over many prompts; `write_comparisons` saves what it returns.
+`judge_report` says how far to trust a judge: how often its verdict flips when the two
+answers swap places (`position_bias`), and how often it agrees with humans (`agreement`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import importlib
+import itertools
 import math
 import string
 from collections.abc import Callable, Iterable, Sequence
@@ -157,11 +160,29 @@ def _check_template(template: str) -> None:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """A pair the judge scored in both orders: P(the answer shown first is better) with `a`
+    shown first (`p_ab`), then with `b` shown first (`p_ba`)."""
+
+    prompt: str
+    a: str
+    b: str
+    p_ab: float
+    p_ba: float
+
+    @property
+    def p_a(self) -> float:
+        """P(a beats b), both orders averaged: the judge's verdict without position bias."""
+        return 0.5 * (self.p_ab + 1.0 - self.p_ba)
+
+
 class JudgeLabeler:
     """A flanjax model judges responses pairwise: P(i beats j) is the mean over both orders
     (i as A, then as B: this cancels position bias) of sigmoid(log p(i's letter) - log p(the
     other letter)) after the judging prompt. A response's score is its summed win
-    probability; `scores_to_comparison` turns those into ranks.
+    probability; `scores_to_comparison` turns those into ranks. Every pair judged is kept in
+    `verdicts` (both orders), for `judge_report`.
 
     Every pair costs four scored rows (two orders x two letters), in fixed-shape batches of
     `batch_size` rows (rounded up to a multiple of the data-parallel shards) whose width is
@@ -196,6 +217,7 @@ class JudgeLabeler:
             raise LabelError(f"answer letters {letters!r} must encode to distinct, non-empty token sequences.")
         shards = partitioner.data_parallel_size
         self.batch_size = -(-batch_size // shards) * shards  # every shard gets whole rows
+        self.verdicts: list[Verdict] = []
 
     @classmethod
     def from_run(cls, checkpoint_path: str, vocabulary, partitioner, **kwargs) -> JudgeLabeler:
@@ -218,11 +240,13 @@ class JudgeLabeler:
         pairs = [(i, j) for i in range(n) for j in range(n) if i != j]  # (A, B): both orders of each pair
         log_odds = self.log_odds([prompt] * len(pairs), [responses[i] for i, _ in pairs], [responses[j] for _, j in pairs],
                                  [reference] * len(pairs))  # fmt: skip
-        a_over_b = dict(zip(pairs, log_odds))
+        first_wins = {pair: _sigmoid(x) for pair, x in zip(pairs, log_odds)}  # P(A is better) per order
         probs = np.full((n, n), 0.5)
         for i, j in pairs:
             # i is A in (i, j) and B in (j, i); average its win probability over both.
-            probs[i, j] = 0.5 * (_sigmoid(a_over_b[i, j]) + _sigmoid(-a_over_b[j, i]))
+            probs[i, j] = 0.5 * (first_wins[i, j] + 1.0 - first_wins[j, i])
+            if i < j:
+                self.verdicts.append(Verdict(prompt, responses[i], responses[j], first_wins[i, j], first_wins[j, i]))
         return probs
 
     def log_odds(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str], references: Sequence[str]) -> np.ndarray:
@@ -318,3 +342,72 @@ def label_all(
         comparisons.append(result)
         counts[result.source] += 1
     return comparisons, dict(counts), skipped
+
+
+# --- how far to trust a judge ------------------------------------------------------------------
+
+
+def position_bias(p_ab: Sequence[float], p_ba: Sequence[float]) -> dict[str, float | int | None]:
+    """The judge's position bias over n pairs, from P(the first-shown answer is better) with
+    each pair in one order (`p_ab`) and swapped (`p_ba`). A verdict prefers the first-shown
+    answer when that probability is > 1/2; it flips when swapping the answers leaves it on the
+    same position (so it picks the other answer). None where n = 0."""
+    p_ab, p_ba = np.asarray(p_ab, np.float64), np.asarray(p_ba, np.float64)
+    if p_ab.shape != p_ba.shape or p_ab.ndim != 1:
+        raise LabelError(f"position_bias needs one probability per pair in each order; got shapes {p_ab.shape} and {p_ba.shape}.")
+    n = len(p_ab)
+    return {
+        "position_flip_rate": float(np.mean((p_ab > 0.5) == (p_ba > 0.5))) if n else None,
+        "first_position_preference": float(np.mean(np.concatenate([p_ab, p_ba]))) if n else None,
+        "judged_pairs": n,
+    }
+
+
+def agreement(judge_p: Sequence[float], human_prefers_first: Sequence[bool]) -> dict[str, float | int | None]:
+    """How often the judge's order-averaged verdict (P(first of the pair is better) > 1/2)
+    matches the human's, over the pairs both labelled. None where there are none."""
+    judge_p, human = np.asarray(judge_p, np.float64), np.asarray(human_prefers_first, bool)
+    if judge_p.shape != human.shape:
+        raise LabelError(f"agreement needs one judge probability per human label; got {judge_p.shape} and {human.shape}.")
+    return {"human_agreement": float(np.mean((judge_p > 0.5) == human)) if len(human) else None, "human_pairs": len(human)}
+
+
+def human_preferences(comparisons: Iterable[Comparison]) -> dict[tuple[str, frozenset[str]], str]:
+    """{(prompt, {x, y}): the response the human preferred} for every untied pair; the first
+    comparison of a pair wins."""
+    preferred: dict[tuple[str, frozenset[str]], str] = {}
+    for c in comparisons:
+        for i, j in itertools.combinations(range(len(c.responses)), 2):
+            if c.ranks[i] != c.ranks[j] and c.responses[i] != c.responses[j]:  # best first: i is better
+                preferred.setdefault((c.prompt, frozenset((c.responses[i], c.responses[j]))), c.responses[i])
+    return preferred
+
+
+def judge_report(judge: JudgeLabeler, human: Sequence[Comparison] = ()) -> dict[str, float | int | None]:
+    """Position bias over every pair `judge` has judged, and its agreement with the `human`
+    comparisons (same prompt, same two responses in either order). The judge first judges the
+    human-labelled pairs it has not seen (4 scored rows per pair), so the two overlap."""
+    seen = {(v.prompt, frozenset((v.a, v.b))) for v in judge.verdicts}
+    for c in human:
+        responses = unique(c.responses)
+        if any((c.prompt, frozenset(pair)) not in seen for pair in itertools.combinations(responses, 2)):
+            judge.pairwise_probabilities(c.prompt, responses)
+    verdicts = {(v.prompt, frozenset((v.a, v.b))): v for v in judge.verdicts}
+    preferred = human_preferences(human)
+    matched = [(verdicts[key], better) for key, better in preferred.items() if key in verdicts]
+    return {
+        **position_bias([v.p_ab for v in verdicts.values()], [v.p_ba for v in verdicts.values()]),
+        **agreement([v.p_a for v, _ in matched], [v.a == better for v, better in matched]),
+    }
+
+
+def report_table(judge: str, report: dict) -> str:
+    """`judge_report` for people: a few aligned lines."""
+    percent = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    first = report["first_position_preference"]
+    return "\n".join([
+        f"Judge {judge}, {report['judged_pairs']} pairs judged in both orders:",
+        f"  verdict flips when A and B swap   {percent(report['position_flip_rate'])}",
+        f"  P(first-shown answer is better)   {'n/a' if first is None else f'{first:.3f}'}  (0.5: no position bias)",
+        f"  agrees with humans                {percent(report['human_agreement'])} of {report['human_pairs']} pairs",
+    ])  # fmt: skip

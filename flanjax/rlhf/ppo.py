@@ -1,4 +1,4 @@
-"""PPO with a KL penalty and pre-training mixing (InstructGPT's third step), on one mesh.
+"""PPO with a KL penalty and auxiliary LM terms (InstructGPT's third step), on one mesh.
 
 Four models share the mesh and its rules: the policy (from an SFT run, optionally with LoRA
 adapters) and the value model (from the reward model, or a head on the policy's trunk with
@@ -11,9 +11,10 @@ the reward model are frozen. Each iteration of the one training loop:
                 normalised score at the last token; per-token reward -beta * KL plus the
                 clipped score (and a penalty if no stop token came) at the last token; GAE
     training    `epochs` passes over `num_minibatches` shuffled minibatches: clipped ratio
-                loss - entropy bonus (+ gamma * LM loss on a pre-training batch: PPO-ptx) for
-                the policy, clipped value loss for the value model; then the KL controller
-                and the policy's EMA update
+                loss - entropy bonus (+ each `LMTerm`'s coef * LM loss on its own batch: the
+                pre-training mixture of PPO-ptx, SFT responses as in BatGPT) for the policy,
+                clipped value loss for the value model; then the KL controller and the
+                policy's EMA update
 
 The trained state is a `PPOState`: the policy (`model`) and its optimizer, the value model
 and its optimizer, the KL controller and the policy's EMA, by name; the policy is `model`, so
@@ -26,7 +27,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gin
@@ -50,7 +51,7 @@ from flanjax.rlhf.advantages import gae, masked_mean, masked_var, whiten
 from flanjax.rlhf.kl import KLConfig, kl_penalty, update_beta
 from flanjax.rlhf.reward import load_reward_model, sequence_scores
 from flanjax.rundir.checkpoint import CheckpointConfig
-from flanjax.rundir.files import read_model_config, resolve_checkpoint, restore_weights
+from flanjax.rundir.files import check_tokenizer, read_model_config, resolve_checkpoint, restore_weights
 from flanjax.sharding import MeshConfig, Partitioner, shardings_of
 from flanjax.train import trainer
 from flanjax.train.loop import LoopConfig, LoopResult
@@ -77,7 +78,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     reward_clip: float = 5.0  # |normalised score| at most this
     no_stop_penalty: float = -1.0  # added to the score of a response that never emits a stop token
-    ptx_coef: float = 0.0  # gamma of PPO-ptx; InstructGPT 27.8 (with its per-token LM loss)
+    ptx_coef: float = 0.0  # gamma of PPO-ptx (the coef of `train_ppo(ptx=...)`); InstructGPT 27.8
     ema_decay: float | None = None  # e.g. 0.992 (DeepSpeed-Chat); None: no EMA
     # The value function: a model of its own, from the reward model (False), or a head on the
     # policy's trunk (True: no second transformer to hold and train; the value loss trains the
@@ -86,11 +87,27 @@ class PPOConfig:
 
 
 # Registered here, not only through the run files' dynamic registration, so that the command
-# line can switch PPO-ptx on: --gin.ppo.train_ppo.ptx=@ppo.PtxConfig().
+# line can add terms: --gin.ppo.train_ppo.lm_terms=[@ptx/ppo.LMTerm()].
+@gin.register
+@dataclasses.dataclass(frozen=True)
+class LMTerm:
+    """An auxiliary term of PPO's policy objective: `coef` * the LM loss (mean cross-entropy on
+    the targets, seqio's decoder features) on a batch of its mixture each iteration, split over
+    the minibatches like the rollout. A pre-training mixture is PPO-ptx (InstructGPT); a
+    prompt/response task keeps the SFT responses likely (BatGPT's instruction-tuning term)."""
+
+    name: str  # logged as `<name>_loss`; its batch keys are `<name>/...`
+    mixture_or_task_name: str
+    task_feature_lengths: Mapping[str, int]
+    batch_size: int  # rows per PPO iteration, split over the minibatches
+    coef: float = 1.0
+
+
 @gin.register
 @dataclasses.dataclass(frozen=True)
 class PtxConfig:
-    """The pre-training (or instruction) mixture whose LM loss PPO-ptx mixes in."""
+    """PPO-ptx's first spelling, still read: `train_ppo(ptx=PtxConfig(...))` with
+    `PPOConfig.ptx_coef` is the `LMTerm` named "ptx" with that coef (`lm_terms_of`)."""
 
     mixture_or_task_name: str
     task_feature_lengths: Mapping[str, int]
@@ -129,33 +146,33 @@ class PromptBatches(SeqioBatches):
 
 
 class RLHFBatches:
-    """Prompts plus, for PPO-ptx, a batch of the pre-training mixture (keys prefixed `ptx_`)."""
+    """Prompts plus a batch of each LM term's mixture, its keys prefixed `<name>/`. Iterator
+    states are kept by term name beside "prompts" (so a PPO-ptx run's "ptx" state resumes)."""
 
-    def __init__(self, prompts: PromptBatches, ptx: SeqioBatches | None):
-        self.prompts, self.ptx = prompts, ptx
+    def __init__(self, prompts: PromptBatches, terms: Mapping[str, SeqioBatches] | None = None):
+        self.prompts, self.terms = prompts, dict(terms or {})
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self.prompts)
-        if self.ptx is not None:
-            batch.update({f"ptx_{k}": v for k, v in next(self.ptx).items()})
+        for name, source in self.terms.items():
+            batch.update({f"{name}/{k}": v for k, v in next(source).items()})
         return batch
 
     def element_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
-        ptx = {} if self.ptx is None else {f"ptx_{k}": v for k, v in self.ptx.element_spec().items()}
-        return {**self.prompts.element_spec(), **ptx}
+        terms = {f"{name}/{k}": v for name, source in self.terms.items() for k, v in source.element_spec().items()}
+        return {**self.prompts.element_spec(), **terms}
 
     def get_state(self) -> dict:
-        return {"prompts": self.prompts.get_state(), **({"ptx": self.ptx.get_state()} if self.ptx else {})}
+        return {"prompts": self.prompts.get_state(), **{name: source.get_state() for name, source in self.terms.items()}}
 
     def set_state(self, state: Mapping) -> None:
         self.prompts.set_state(state.get("prompts", {}))
-        if self.ptx is not None:
-            self.ptx.set_state(state.get("ptx", {}))
+        for name, source in self.terms.items():
+            source.set_state(state.get(name, {}))
 
     def close(self) -> None:
-        self.prompts.close()
-        if self.ptx is not None:
-            self.ptx.close()
+        for source in (self.prompts, *self.terms.values()):
+            source.close()
 
 
 # --- the maths of one rollout batch ---------------------------------------------------------
@@ -223,21 +240,23 @@ def ppo_losses(logp, old_logp, advantages, values, old_values, returns, entropy,
     }
 
 
-def ppo_loss(config: PPOConfig, num_new: int):
-    """PPO's loss function of (policy, value model, (rollout minibatch, pre-training minibatch
-    or None), rngs): clipped policy loss - entropy bonus + ptx_coef * the LM loss on the
-    pre-training batch (PPO-ptx) + value_coef * clipped value loss. No dropout: the ratios
-    compare with the rollout's deterministic log-probabilities."""
-    lm = lm_loss()
+def ppo_loss(config: PPOConfig, num_new: int, lm_coefs: Mapping[str, float] | None = None):
+    """PPO's loss function of (policy, value model, (rollout minibatch, {term name: LM
+    minibatch}), rngs): clipped policy loss - entropy bonus + value_coef * clipped value loss
+    + for each LM term, coef * its LM loss (logged as `<name>_loss`). `lm_coefs`: {name: coef}.
+    No dropout: the ratios compare with the rollout's deterministic log-probabilities."""
+    lm, lm_coefs = lm_loss(), dict(lm_coefs or {})
 
     def loss_fn(policy: Transformer, value: ScoreModel, batch, rngs: nnx.Rngs | None = None):
-        mb, ptx = batch
+        mb, lm_batches = batch
         logp, entropy, hidden = response_logprobs(policy, mb["tokens"], mb["prompt_lengths"], mb["lengths"], num_new)
         values = response_values(value, hidden, mb["tokens"], mb["prompt_lengths"], mb["lengths"], num_new)
         out = ppo_losses(logp, mb["logp"], mb["advantages"], values, mb["values"], mb["returns"], entropy, mb["mask"], config)
-        out["ptx_loss"] = jnp.zeros(()) if ptx is None else lm(policy, ptx, None)[0]
-        total = out["policy_loss"] - config.entropy_coef * out["entropy"] + config.ptx_coef * out["ptx_loss"]
-        return total + config.value_coef * out["value_loss"], out
+        total = out["policy_loss"] - config.entropy_coef * out["entropy"] + config.value_coef * out["value_loss"]
+        for name, coef in lm_coefs.items():
+            out[f"{name}_loss"] = lm(policy, lm_batches[name], None)[0]
+            total = total + coef * out[f"{name}_loss"]
+        return total, out
 
     return loss_fn
 
@@ -311,14 +330,14 @@ def make_scoring(graphs: Graphs, config: PPOConfig, kl: KLConfig, stop_tokens: t
     return scoring
 
 
-def make_update(graphs: Graphs, config: PPOConfig, kl: KLConfig, seed: int):
-    def update(state, rollout, ptx, observed_kl):
+def make_update(graphs: Graphs, config: PPOConfig, kl: KLConfig, seed: int, lm_coefs: Mapping[str, float] | None = None):
+    def update(state, rollout, lm_batches, observed_kl):
         s = nnx.merge(graphs.state, state)
         trained_def, trained = nnx.split((s.model, s.optimizer, s.value, s.value_optimizer))
         b, n = rollout["mask"].shape
         m = config.num_minibatches
         key = jax.random.fold_in(jax.random.key(seed + 1), s.controller.iteration[...])
-        loss_fn = ppo_loss(config, n)
+        loss_fn = ppo_loss(config, n, lm_coefs)
 
         def one_minibatch(trained, xs):
             policy, policy_opt, value, value_opt = nnx.merge(trained_def, trained)
@@ -331,8 +350,8 @@ def make_update(graphs: Graphs, config: PPOConfig, kl: KLConfig, seed: int):
         def one_epoch(trained, epoch_key):
             order = jax.random.permutation(epoch_key, b).reshape(m, b // m)
             mbs = jax.tree.map(lambda x: x[order], rollout)
-            ptx_mbs = None if ptx is None else jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), ptx)
-            return jax.lax.scan(one_minibatch, trained, (mbs, ptx_mbs))
+            lm_mbs = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), lm_batches)
+            return jax.lax.scan(one_minibatch, trained, (mbs, lm_mbs))
 
         trained, outs = jax.lax.scan(one_epoch, trained, jax.random.split(key, config.epochs))
         nnx.update((s.model, s.optimizer, s.value, s.value_optimizer), trained)
@@ -349,15 +368,18 @@ def make_update(graphs: Graphs, config: PPOConfig, kl: KLConfig, seed: int):
 
 class PPOStep:
     """The loop's step: (state, batch) -> (state, metrics), three jitted phases timed apart.
-    Rollouts are laid out over the data axes like the prompts they come from."""
+    Rollouts are laid out over the data axes like the prompts they come from. The batch holds
+    the prompts and, for each of `lm_terms`, its LM batch under keys `<name>/...`."""
 
     def __init__(self, graphs: Graphs, abstract_state, partitioner: Partitioner, *, reference, reward_fn: RewardFn,
-                 reward_params, sampling: SamplingConfig, eos_id: int, config: PPOConfig, kl: KLConfig, seed: int = 0):  # fmt: skip
+                 reward_params, sampling: SamplingConfig, eos_id: int, config: PPOConfig, kl: KLConfig, seed: int = 0,
+                 lm_terms: Sequence[LMTerm] = ()):  # fmt: skip
         self.graphs, self.partitioner, self.reference, self.reward_params = graphs, partitioner, reference, reward_params
         self.sampling, self.eos_id, self.seed = sampling, eos_id, seed
+        self.lm_names = tuple(t.name for t in lm_terms)
         self.shardings = shardings_of(abstract_state)
         self.scoring = jax.jit(make_scoring(graphs, config, kl, (eos_id, *sampling.stop_tokens), reward_fn))
-        self.update_fn = make_update(graphs, config, kl, seed)
+        self.update_fn = make_update(graphs, config, kl, seed, {t.name: t.coef for t in lm_terms})
         self.update = jax.jit(self.update_fn, out_shardings=(self.shardings, None), donate_argnums=0)
 
     def _rows(self, tree):
@@ -369,12 +391,12 @@ class PPOStep:
     def compile_ahead(self, abstract_state, batch_spec) -> PPOStep:
         """Compiles the update phase (two models' gradients and optimizer updates: the most
         memory) for these shapes before any data is read, with its memory report."""
-        prompts, ptx = _split_ptx(batch_spec)
+        prompts, lm_batches = self._split(batch_spec)
         generation = jax.eval_shape(lambda state, b: self._generate(state, b, jax.random.key(0)), abstract_state, prompts)
         rollout, metrics = jax.eval_shape(self.scoring, abstract_state, self.reference, self.reward_params, prompts, generation)
         abstract = lambda tree, shardings: jax.tree.map(  # noqa: E731
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
-        args = (abstract_state, abstract(rollout, self._rows(rollout)), ptx, abstract(metrics["kl"], self._replicated()))
+        args = (abstract_state, abstract(rollout, self._rows(rollout)), lm_batches, abstract(metrics["kl"], self._replicated()))
         jitted = jax.jit(self.update_fn, in_shardings=jax.tree.map(lambda x: x.sharding, args),
                          out_shardings=(self.shardings, None), donate_argnums=0)  # fmt: skip
         self.update = compile_ahead("PPO update", jitted, *args)
@@ -384,8 +406,15 @@ class PPOStep:
         return generate(self.graphs.policy, state["model"], batch["prompts"], batch["prompt_lengths"],
                         eos_id=self.eos_id, config=self.sampling, seed=key)  # fmt: skip
 
+    def _split(self, batch: Mapping[str, Any]) -> tuple[dict, dict]:
+        prompts, lm_batches = split_batch(batch)
+        if set(lm_batches) != set(self.lm_names):
+            raise PPOConfigError(f"the batch holds LM batches {sorted(lm_batches)} but the step was built for LM terms "
+                                 f"{sorted(self.lm_names)}; give the step and the batches the same terms.")  # fmt: skip
+        return prompts, lm_batches
+
     def __call__(self, state, batch):
-        prompts, ptx = _split_ptx(batch)
+        prompts, lm_batches = self._split(batch)
         t0 = time.perf_counter()
         generation = self._generate(state, prompts, jax.random.fold_in(jax.random.key(self.seed), state["controller"]["iteration"][...]))
         jax.block_until_ready(generation)
@@ -394,7 +423,7 @@ class PPOStep:
         jax.block_until_ready(rollout)
         t2 = time.perf_counter()
         rollout, kl = jax.device_put((rollout, metrics["kl"]), (self._rows(rollout), self._replicated()))
-        state, train_metrics = self.update(state, rollout, ptx, kl)
+        state, train_metrics = self.update(state, rollout, lm_batches, kl)
         jax.block_until_ready(state)
         t3 = time.perf_counter()
         new_tokens = float(jax.device_get(generation.lengths.sum()))
@@ -410,11 +439,16 @@ class PPOStep:
         }
 
 
-def _split_ptx(batch: Mapping[str, Any]) -> tuple[dict, dict | None]:
-    """(the prompts' features, the pre-training batch's or None) of an `RLHFBatches` batch."""
-    prompts = {k: v for k, v in batch.items() if not k.startswith("ptx_")}
-    ptx = {k.removeprefix("ptx_"): v for k, v in batch.items() if k.startswith("ptx_")}
-    return prompts, ptx or None
+def split_batch(batch: Mapping[str, Any]) -> tuple[dict, dict[str, dict]]:
+    """(the prompts' features, {term name: its LM batch}) of an `RLHFBatches` batch."""
+    prompts, lm_batches = {}, {}
+    for key, value in batch.items():
+        name, sep, feature = key.partition("/")
+        if sep:
+            lm_batches.setdefault(name, {})[feature] = value
+        else:
+            prompts[key] = value
+    return prompts, lm_batches
 
 
 def ppo_init(policy: TransformerConfig, value: TransformerConfig | None, tx: optax.GradientTransformation,
@@ -440,19 +474,46 @@ def ppo_init(policy: TransformerConfig, value: TransformerConfig | None, tx: opt
     return init
 
 
-def _check_batches(batch_size: int, ppo: PPOConfig, ptx: PtxConfig | None, partitioner: Partitioner) -> None:
-    if batch_size % ppo.num_minibatches:
-        raise PPOConfigError(f"batch_size {batch_size} does not split into {ppo.num_minibatches} minibatches; pick a multiple.")
+def lm_terms_of(ppo: PPOConfig, ptx: PtxConfig | None, lm_terms: Sequence[LMTerm]) -> tuple[LMTerm, ...]:
+    """PPO's LM terms: PPO-ptx's first spelling (`ptx` with `ppo.ptx_coef`) as the term "ptx",
+    then `lm_terms`; names checked, since they key batches, iterator states and metrics."""
     if ppo.ptx_coef and ptx is None:
         raise PPOConfigError(
             f"ptx_coef={ppo.ptx_coef} but no pre-training data: bind ppo.train_ppo.ptx = @ppo.PtxConfig() "
-            "with its mixture_or_task_name and task_feature_lengths, or set ptx_coef to 0."
+            "with its mixture_or_task_name, task_feature_lengths and batch_size, or set ptx_coef to 0 (a "
+            "term of ppo.train_ppo.lm_terms carries its own coef)."
         )
-    if (batch_size // ppo.num_minibatches) % partitioner.data_parallel_size:
-        raise PPOConfigError(
-            f"minibatches of {batch_size // ppo.num_minibatches} prompts do not split over the "
-            f"{partitioner.data_parallel_size} data-parallel shards; raise batch_size or lower num_minibatches."
-        )
+    first = () if ptx is None else (LMTerm("ptx", ptx.mixture_or_task_name, ptx.task_feature_lengths, ptx.batch_size, ppo.ptx_coef),)
+    terms = (*first, *lm_terms)
+    names = [t.name for t in terms]
+    for name in names:
+        if not name.isidentifier() or name == "prompts":
+            raise PPOConfigError(f"LM term name {name!r}: use a Python identifier other than 'prompts' (e.g. 'ptx', 'sft'); "
+                                 "it names the term's batch keys and its `<name>_loss` metric.")  # fmt: skip
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        also = " (ppo.train_ppo.ptx is the term 'ptx' already)" if ptx is not None and "ptx" in duplicates else ""
+        raise PPOConfigError(f"LM terms named {duplicates} more than once{also}; give each term of ppo.train_ppo.lm_terms its own name.")
+    return terms
+
+
+def _check_batches(batch_size: int, ppo: PPOConfig, lm_terms: Sequence[LMTerm], partitioner: Partitioner) -> None:
+    m, shards = ppo.num_minibatches, partitioner.data_parallel_size
+    for of, rows in (("", batch_size), *((f" of LM term {t.name!r}", t.batch_size) for t in lm_terms)):
+        if rows % m:
+            raise PPOConfigError(f"batch_size {rows}{of} does not split into {m} minibatches; pick a multiple of {m}.")
+        if (rows // m) % shards:
+            raise PPOConfigError(
+                f"batch_size {rows}{of}: minibatches of {rows // m} rows do not split over the {shards} "
+                "data-parallel shards; raise the batch size or lower num_minibatches."
+            )
+
+
+def _check_lm_vocabularies(lm_terms: Sequence[LMTerm], policy_dir: str, vocab_size: int) -> None:
+    """Each term's mixture must read the policy's tokenizer, like the prompts."""
+    for t in lm_terms:
+        vocabulary = check_vocabulary(t.mixture_or_task_name, vocab_size)
+        check_tokenizer(policy_dir, vocabulary, f"LM term {t.name!r} ({t.mixture_or_task_name})")
 
 
 # --- `flanjax train` with configs/runs/ppo.gin -----------------------------------------------
@@ -471,6 +532,7 @@ def train_ppo(
     ppo: PPOConfig = PPOConfig(),
     kl: KLConfig = KLConfig(),
     ptx: PtxConfig | None = None,
+    lm_terms: Sequence[LMTerm] = (),
     optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5, schedule="constant"),
     value_optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5, schedule="constant"),
     lora: LoraConfig | None = None,
@@ -479,23 +541,24 @@ def train_ppo(
     seed: int = 0,
 ) -> LoopResult:
     """PPO of the SFT policy `policy_checkpoint` against reward model `reward_checkpoint` on the
-    prompts (`inputs`) of `mixture_or_task_name`; `loop.num_steps` iterations of `batch_size` prompts."""
+    prompts (`inputs`) of `mixture_or_task_name`; `loop.num_steps` iterations of `batch_size` prompts.
+    `lm_terms` (and PPO-ptx's `ptx`, the term "ptx") add LM losses on other mixtures to the policy's."""
     partitioner = Partitioner.from_config(mesh)
-    _check_batches(batch_size, ppo, ptx, partitioner)
+    terms = lm_terms_of(ppo, ptx, lm_terms)
+    _check_batches(batch_size, ppo, terms, partitioner)
     per_process = partitioner.per_process_batch_size(batch_size)
     policy_dir, policy_step = resolve_checkpoint(policy_checkpoint)
     config = read_model_config(policy_dir)
     vocabulary = check_vocabulary(mixture_or_task_name, config.vocab_size)
-    check_datasets(mixture_or_task_name, ptx.mixture_or_task_name if ptx else None)  # before compiling
+    _check_lm_vocabularies(terms, policy_dir, config.vocab_size)
+    check_datasets(mixture_or_task_name, *(t.mixture_or_task_name for t in terms))  # before compiling
     check_length(config, prompt_len, sampling.max_new_tokens)
     reward = load_reward_model(reward_checkpoint, partitioner, vocabulary)  # refuses another tokenizer
     check_length(reward.config, prompt_len, sampling.max_new_tokens)
 
     prompts = PromptBatches(mixture_or_task_name, None, per_process, seed=seed, prompt_len=prompt_len)
-    ptx_batches = None
-    if ptx is not None:
-        ptx_batches = SeqioBatches(ptx.mixture_or_task_name, ptx.task_feature_lengths,
-                                   partitioner.per_process_batch_size(ptx.batch_size), seed=seed)  # fmt: skip
+    lm_batches = {t.name: SeqioBatches(t.mixture_or_task_name, t.task_feature_lengths,
+                                       partitioner.per_process_batch_size(t.batch_size), seed=seed) for t in terms}  # fmt: skip
     policy_def = nnx.split(nnx.eval_shape(lambda: new_model(config, lora)))[0]
     if lora is None:
         plain_def, reference = restore_weights(policy_dir, policy_step, config, partitioner)
@@ -511,7 +574,7 @@ def train_ppo(
     def compile_step(graphdef, abstract, spec):
         step = PPOStep(Graphs(graphdef, policy_def, plain_def), abstract, partitioner, reference=reference,
                        reward_fn=reward_fn, reward_params=(reward.state, jnp.float32(reward.shift), jnp.float32(reward.scale)),
-                       sampling=sampling, eos_id=vocabulary.eos_id, config=ppo, kl=kl, seed=seed)  # fmt: skip
+                       sampling=sampling, eos_id=vocabulary.eos_id, config=ppo, kl=kl, seed=seed, lm_terms=terms)  # fmt: skip
         return step.compile_ahead(abstract, spec)
 
     updates = loop.num_steps * ppo.epochs * ppo.num_minibatches
@@ -519,7 +582,7 @@ def train_ppo(
         description=f"PPO of {policy_dir} step {policy_step} against {reward_checkpoint} on {mixture_or_task_name}: "
                     f"{loop.num_steps} iterations of {batch_size} prompts",
         model_dir=model_dir, model=config, lora=lora, origin=policy_dir, vocabulary=vocabulary, partitioner=partitioner, loop=loop,
-        checkpoint=checkpoint, batches=RLHFBatches(prompts, ptx_batches),
+        checkpoint=checkpoint, batches=RLHFBatches(prompts, lm_batches),
         init=ppo_init(config, None if ppo.value_on_policy_trunk else reward.config, make_optimizer(optimizer, updates),
                       make_optimizer(value_optimizer, updates),
                       lora=lora, init_beta=kl.init_beta, ema=ppo.ema_decay is not None, seed=seed),
