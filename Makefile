@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Quiet TensorFlow's start-up chatter; seqio uses TF only for the input pipeline.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: quickstart quickstart-rlhf quickstart-chat quickstart-e2wm test bench bench-accelerator clean
+.PHONY: quickstart quickstart-rlhf quickstart-chat quickstart-e2wm quickstart-batgpt test bench bench-accelerator clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,23 @@ quickstart-e2wm: $(STAMP)
 	$(E2WM) --gin.MODEL_DIR="'$(E2WM_DIR)/full'" --gin.lm.train.ewc=None --gin.lm.train.lora=None \
 		--gin.optim.OptimizerConfig.learning_rate=3e-3
 	$(PY) -m tasks.e2wm.quickstart report
+
+# BatGPT: the facts learned forward-only and bidirectionally (reverse questions), and the
+# quickstart's model grown 2x in width and depth against the same size from scratch.
+BATGPT_DIR := runs/quickstart_batgpt
+BATGPT     := $(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart_batgpt.gin
+GROWN      := --d_model 256 --num_layers 8 --num_heads 8 --num_kv_heads 8 --d_ff 768
+GROWTH     := $(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart_batgpt_growth.gin
+quickstart-batgpt: $(STAMP)
+	$(MAKE) quickstart
+	$(BATGPT)
+	$(BATGPT) --gin.MODEL_DIR="'$(BATGPT_DIR)/forward_only'" --gin.bidirectional.Directions.r2l_weight=0.0
+	test -d $(BATGPT_DIR)/grown/checkpoints/0 || $(VENV)/bin/flanjax grow --in runs/quickstart --out $(BATGPT_DIR)/grown $(GROWN)
+	$(GROWTH) --gin_file=$(BATGPT_DIR)/grown/model.gin --gin.MODEL_DIR="'$(BATGPT_DIR)/grown_trained'"
+	$(GROWTH) --gin.transformer.TransformerConfig.d_model=256 --gin.transformer.TransformerConfig.num_layers=8 \
+		--gin.transformer.TransformerConfig.num_heads=8 --gin.transformer.TransformerConfig.num_kv_heads=8 \
+		--gin.transformer.TransformerConfig.d_ff=768
+	$(PY) -m tasks.batgpt report
 
 # Two test processes (pytest-xdist): about 20 minutes on 2 cores.
 test: $(STAMP)

@@ -14,8 +14,10 @@ import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
+import tensorflow as tf
 from flax import nnx
 
+from flanjax.data.bidirectional import direction_ids, read_directions, streams
 from flanjax.data.dialogue import DialogueFormat, Message, eot_id, prompt_ids, read_format, render
 from flanjax.decode import SamplingConfig, decoder_features, decoder_prompt, generate_ids, score_rows
 from flanjax.errors import FlanjaxError
@@ -43,6 +45,7 @@ class Policy:
     partitioner: Partitioner
     max_len: int
     step: int = 0
+    directions: tuple[int, int] | None = None  # (<l2r>, <r2l>) ids of a bidirectionally trained run
 
     @classmethod
     def load(cls, checkpoint_path: str, partitioner: Partitioner, vocabulary=None) -> Policy:
@@ -57,12 +60,14 @@ class Policy:
         fmt = read_format(lineage(run_dir))
         if fmt is not None:
             eot_id(vocabulary.tokenizer, fmt)  # a run's format names a token of its tokenizer; say so early if not
-        return cls(graphdef, state, vocabulary, fmt, partitioner, config.max_len, step)
+        directions = read_directions(lineage(run_dir))
+        ids = None if directions is None else direction_ids(vocabulary, directions)
+        return cls(graphdef, state, vocabulary, fmt, partitioner, config.max_len, step, ids)
 
     def prompt(self, messages: Sequence[Message]) -> list[int]:
         """The ids that ask for the next reply (`decoder_prompt` lays them out as in training)."""
         if self.format is None:
-            return self.vocabulary.encode(messages[-1].content)
+            return list(self.directions[:1] if self.directions else ()) + self.vocabulary.encode(messages[-1].content)
         return prompt_ids(messages, self.vocabulary.tokenizer, self.format)
 
     def sampling(self, config: SamplingConfig) -> SamplingConfig:
@@ -100,16 +105,50 @@ class Policy:
                 ids, weights = [*prompt, *reply], [0] * len(prompt) + [1] * len(reply)
             else:
                 ids, weights = render([*messages, Message("assistant", reference)], self.vocabulary.tokenizer, self.format, turns="last")
-            rows.append((ids[-self.max_len :], weights[-self.max_len :]))
+            rows.append((ids, weights))
         if not rows:
             return float("nan")
+        log_likelihood = self._score(rows, batch_size)
+        return float(np.exp(-log_likelihood.sum() / sum(sum(w[-self.max_len :]) for _, w in rows)))
+
+    def log_likelihoods(self, prompts: Sequence[str], responses: Sequence[str], direction: str = "l2r", batch_size: int = 64) -> np.ndarray:
+        """Per pair, log p(response + EOS | prompt) ("l2r"), or for a bidirectionally trained run
+        log p(prompt | response) ("r2l": the model asked backwards, `data.bidirectional`)."""
+        if direction not in ("l2r", "r2l"):
+            raise PolicyError(f"direction={direction!r}: use 'l2r' or 'r2l'.")
+        if self.directions is None and direction == "r2l":
+            raise PolicyError("this run was not trained bidirectionally (no directions.json): it cannot be asked backwards.")
+        eos, rows = self.vocabulary.eos_id, []
+        for prompt, response in zip(prompts, responses, strict=True):
+            x, y = self.vocabulary.encode(prompt), [*self.vocabulary.encode(response), eos]
+            if self.directions is None:
+                rows.append(([*x, *y], [0] * len(x) + [1] * len(y)))
+                continue
+            pairs = streams(tf.constant(x, tf.int32), tf.constant(y, tf.int32), *self.directions, eos)
+            ids, trained = pairs[direction == "r2l"]
+            rows.append((ids.numpy().tolist(), trained.numpy().astype(int).tolist()))
+        return self._score(rows, batch_size)
+
+    def rescore(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], lam: float = 1.0,
+                batch_size: int = 64) -> tuple[list[int], np.ndarray]:  # fmt: skip
+        """BatGPT's bidirectional rescoring: each candidate response y to prompt x scored
+        log p_l2r(y | x) + lam * log p_r2l(x | y) by this one model; (each prompt's best
+        candidate, the scores [prompts, candidates])."""
+        flat_x = [x for x, ys in zip(prompts, candidates) for _ in ys]
+        flat_y = [y for ys in candidates for y in ys]
+        scores = self.log_likelihoods(flat_x, flat_y, "l2r", batch_size) + lam * self.log_likelihoods(flat_x, flat_y, "r2l", batch_size)
+        scores = scores.reshape(len(prompts), -1)
+        return [int(i) for i in scores.argmax(1)], scores
+
+    def _score(self, rows: Sequence[tuple[Sequence[int], Sequence[float]]], batch_size: int) -> np.ndarray:
+        """Summed log-likelihood of each (ids, weights) row's weighted tokens (its last max_len)."""
         width = min(self.max_len, _round_up(max(len(ids) for ids, _ in rows), 64))
         tokens, weights = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), np.float32)
         for r, (ids, w) in enumerate(rows):
+            ids, w = ids[-width:], w[-width:]
             tokens[r, : len(ids)], weights[r, : len(w)] = ids, w
         batch = _round_up(min(batch_size, len(rows)), self.partitioner.data_parallel_size)
-        log_likelihood = score_rows(self.graphdef, self.state, decoder_features(tokens, weights), self.partitioner, batch)
-        return float(np.exp(-log_likelihood.sum() / weights.sum()))
+        return score_rows(self.graphdef, self.state, decoder_features(tokens, weights), self.partitioner, batch)
 
 
 def chat(policy: Policy, lines: Iterable[str], say: Callable[[str], None], *, sampling: SamplingConfig = LIMA_SAMPLING,

@@ -10,6 +10,7 @@
     flanjax tasks preview flan_rte -n 2 --mock
     flanjax convert from-hf --in hf/Llama-3.2-1B --out runs/llama1b --add_tokens "<|eot|>"
     flanjax convert to-hf --in runs/my_sft --out hf/my_sft
+    flanjax grow --in runs/quickstart --out runs/grown --d_model 256 --num_layers 8 --num_heads 8 --num_kv_heads 8 --d_ff 768
     flanjax chat --run runs/lima --system "Be brief."
     flanjax select --run runs/lima --prompts dev.jsonl --judge judge:runs/judge --min_step 50 --max_step 100
     flanjax compare --a runs/lima --b runs/sft --prompts test.jsonl --judge reward:runs/rm
@@ -226,6 +227,22 @@ def cmd_convert(args: argparse.Namespace, bindings: list[str]) -> int:
     return 0
 
 
+GROWN_SIZES = ("d_model", "d_ff", "num_heads", "num_kv_heads", "num_layers")
+
+
+def cmd_grow(args: argparse.Namespace, bindings: list[str]) -> int:
+    from flanjax import convert
+    from flanjax.sharding import MeshConfig
+
+    sizes = {name: getattr(args, name) for name in GROWN_SIZES if getattr(args, name) is not None}
+    if not sizes:
+        raise UsageError(f"say the grown model's sizes: at least one of {', '.join('--' + n for n in GROWN_SIZES)}.")
+    mesh = _mesh(args.mesh) if args.mesh else MeshConfig(data=1, fsdp=-1)
+    convert.grow(args.source, args.out, sizes, depth=args.depth, noise=args.noise, seed=args.seed, mesh=mesh)
+    print(f"Train it on with --gin_file={os.path.join(args.out, 'model.gin')} after the run's gin file.")
+    return 0
+
+
 def _mesh(spec: str | None):
     from flanjax.sharding import MeshConfig
 
@@ -252,27 +269,43 @@ def _import_modules(modules: list[str]) -> None:
 
 
 def cmd_label(args: argparse.Namespace, bindings: list[str]) -> int:
+    from collections import Counter
+
     from flanjax.data.pipeline import get_task_or_mixture
+    from flanjax.data.preferences import read_comparisons
     from flanjax.rlhf import feedback, sampling
     from flanjax.sharding import Partitioner
 
     _import_modules(args.module)
     partitioner = Partitioner.from_config(_mesh(args.mesh))
     vocabulary = get_task_or_mixture(args.task).output_features["inputs"].vocabulary
-    labelers = []
+    labelers, judges, human_files = [], [], list(args.compare_human)
     for spec in args.labeler:
         kind, _, value = spec.partition(":")
         if kind == "rubric":
             labelers.append(feedback.RubricLabeler(feedback.load_rubric(value)))
         elif kind == "judge":
             labelers.append(feedback.JudgeLabeler.from_run(value, vocabulary, partitioner))
+            judges.append((value, labelers[-1]))
         elif kind == "human":
             labelers.append(feedback.HumanLabels(value))
+            human_files.append(value)
         else:
             raise UsageError(f"--labeler {spec!r}: use rubric:MODULE:FUNCTION, judge:RUN_DIR or human:FILE.jsonl.")
+    if args.compare_human and not judges:
+        raise UsageError("--compare_human compares a model judge with humans: add --labeler judge:RUN_DIR.")
     labeler = labelers[0] if len(labelers) == 1 else feedback.MixedLabeler(labelers)
-    sampling.label(args.policy, args.task, labeler, args.out, partitioner, split=args.split, num_prompts=args.num_prompts,
-                   num_samples=args.num_samples, sampling=_sampling(args), prompt_len=args.prompt_len, seed=args.seed)  # fmt: skip
+    comparisons = sampling.label(args.policy, args.task, labeler, args.out, partitioner, split=args.split, num_prompts=args.num_prompts,
+                                 num_samples=args.num_samples, sampling=_sampling(args), prompt_len=args.prompt_len, seed=args.seed)  # fmt: skip
+    summary = {"out": args.out, "comparisons": len(comparisons), "by_source": dict(Counter(c.source for c in comparisons))}
+    if judges:  # the first judge's trustworthiness: position bias, agreement with the human labels
+        human = [c for path in dict.fromkeys(human_files) for c in read_comparisons(path)]
+        report = feedback.judge_report(judges[0][1], human)
+        summary.update(judge=judges[0][0], **report)
+        print(feedback.report_table(judges[0][0], report))
+    with open(os.path.splitext(args.out)[0] + ".summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary))
     return 0
 
 
@@ -297,9 +330,15 @@ def cmd_sample(args: argparse.Namespace, bindings: list[str]) -> int:
     if not prompts:
         raise UsageError("no prompts: give --prompt TEXT (repeatable) or --task NAME.")
     shape = dict(sampling=_sampling(args), prompt_len=args.prompt_len, seed=args.seed)
-    if args.best_of > 1:
+    if args.rescore == "bidirectional":
+        if args.best_of < 2:
+            raise UsageError("--rescore bidirectional picks one of several samples: give --best_of N (N >= 2).")
+        rows = sampling.best_of_n_bidirectional(args.policy, prompts, vocabulary, partitioner, n=args.best_of,
+                                                lam=args.rescore_lambda, **shape)  # fmt: skip
+    elif args.best_of > 1:
         if not args.reward:
-            raise UsageError("--best_of needs --reward RUN_DIR: the reward model that picks the best sample.")
+            raise UsageError("--best_of needs --reward RUN_DIR (the reward model that picks the best sample), "
+                             "or --rescore bidirectional (a bidirectionally trained policy scores its own samples both ways).")
         reward = load_reward_model(args.reward, partitioner, vocabulary)
         rows = sampling.best_of_n(args.policy, reward, prompts, vocabulary, partitioner, n=args.best_of, **shape)
     else:
@@ -567,12 +606,34 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--allow_pickle", action="store_true", help="from-hf: read pytorch_model.bin (torch.load, weights_only=True)")
     convert.set_defaults(run=cmd_convert)
 
+    grow = commands.add_parser(
+        "grow",
+        help="grow a trained model into a larger one that computes the same function (BatGPT's parameter expansion)",
+        description="Widens by duplicating units (outgoing weights divided) and deepens by inserting layers whose "
+        "output projections start at zero, so the grown model's logits equal the trained one's; writes a run "
+        "directory (step 0, model.json, model.gin, tokenizer/) that `flanjax train` continues. Sizes not given "
+        "are kept; widths must be multiples of the trained ones.",
+    )
+    grow.add_argument("--in", dest="source", required=True, help="run or step directory of the trained model")
+    grow.add_argument("--out", required=True, help="new run directory")
+    for name in GROWN_SIZES:
+        grow.add_argument(f"--{name}", type=int, default=None, help=f"the grown model's {name}")
+    grow.add_argument("--depth", default="zero", choices=["zero", "stack"],
+                      help="new layers: zero = output projections zeroed (exact); stack = copies of layers (not exact)")  # fmt: skip
+    grow.add_argument("--noise", type=float, default=0.0, help="noise on duplicated units, summing to zero over copies (keeps the function)")
+    grow.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    grow.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=1,fsdp=8 (default: fsdp over all devices)")
+    grow.set_defaults(run=cmd_grow)
+
     label = commands.add_parser(
         "label",
         help="sample responses from a policy and rank them (rubric, model judge, human labels) into preference JSONL",
         description="Samples --num_samples responses to each of --num_prompts prompts of --task with the policy "
         "run, ranks them with the labelers (the first that gives a ranking wins, e.g. human:FILE then "
-        "rubric:MOD:FN) and writes --out (a preference JSONL file that reward training reads).",
+        "rubric:MOD:FN) and writes --out (a preference JSONL file that reward training reads). With a judge:RUN_DIR "
+        "labeler it also reports the judge's position bias (how often its verdict flips when the answers swap places) "
+        "and its agreement with the human labels (human:FILE labelers and --compare_human files), which it judges "
+        "too. A JSON summary is printed last and written beside --out (OUT.summary.json).",
     )
     label.add_argument("--policy", required=True, help="run or step directory of the policy to sample")
     label.add_argument("--task", required=True, help="seqio task or mixture whose inputs are the prompts")
@@ -581,11 +642,13 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--split", default="train")
     label.add_argument("--num_prompts", type=int, default=256)
     label.add_argument("--num_samples", type=int, default=4, help="responses per prompt (K)")
+    label.add_argument("--compare_human", action="append", default=[], metavar="FILE.jsonl",
+                       help="human comparisons to measure the judge's agreement with, without labelling with them (repeatable)")
     label.set_defaults(run=cmd_label)
     sample = commands.add_parser(
         "sample",
-        help="sample responses from a policy; --best_of N keeps the reward model's favourite of N",
-        description="Prints one JSON object per prompt: the response (and with --best_of, every candidate and its reward).",
+        help="sample responses from a policy; --best_of N keeps the reward model's (or --rescore's) favourite of N",
+        description="Prints one JSON object per prompt: the response (and with --best_of, every candidate and its reward or score).",
     )
     sample.add_argument("--policy", required=True, help="run or step directory of the policy")
     sample.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); or --task")
@@ -595,6 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num_prompts", type=int, default=8)
     sample.add_argument("--best_of", type=int, default=1, help="sample N, keep the highest reward (needs --reward)")
     sample.add_argument("--reward", help="reward model run directory, for --best_of")
+    sample.add_argument("--rescore", choices=["bidirectional"],
+                        help="with --best_of N: keep the sample with the highest log p(y|x) + lambda log p(x|y), both from "
+                             "the policy (trained with configs/runs/bidirectional.gin) instead of a reward model")
+    sample.add_argument("--rescore_lambda", type=float, default=1.0, help="lambda of --rescore (default 1)")
     sample.set_defaults(run=cmd_sample)
     for command in (label, sample):
         command.add_argument("--prompt_len", type=int, default=64, help="prompt tokens kept (the last ones)")

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import random
-import tempfile
 from collections.abc import Callable
 
 import numpy as np
@@ -35,7 +33,7 @@ import seqio
 import tensorflow as tf
 
 from flanjax.data.templates import Template, check_templates, templates_preprocessor
-from flanjax.data.vocab import HFVocabulary, train_tokenizer
+from flanjax.data.vocab import HFVocabulary, cached_tokenizer
 from flanjax.eval.metrics import exact_match
 from flanjax.data.rank_classification import rank_classification, rank_classification_metric, rank_classification_targets
 
@@ -182,22 +180,8 @@ def _corpus() -> list[str]:
 
 
 def tokenizer_dir() -> str:
-    """Directory of the quickstart tokenizer, trained on first use (atomic, process-safe)."""
-    cache = os.environ.get("FLANJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flanjax"))
-    corpus = _corpus()
-    # Keyed by the corpus: editing the tasks retrains the tokenizer instead of reusing a stale one.
-    path = os.path.join(cache, f"quickstart_tokenizer_{hashlib.sha1(chr(0).join(corpus).encode()).hexdigest()[:12]}")
-    if os.path.isdir(path):
-        return path
-    fast = train_tokenizer(corpus, vocab_size=512, individual_digits=True)
-    os.makedirs(cache, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=cache, prefix=".tokenizer-")
-    fast.save_pretrained(staging)
-    try:
-        os.rename(staging, path)
-    except OSError:  # another process got there first; theirs is identical
-        pass
-    return path
+    """Directory of the quickstart tokenizer, trained on first use (cached, keyed by its text)."""
+    return cached_tokenizer("quickstart_tokenizer", _corpus(), vocab_size=512, individual_digits=True)
 
 
 VOCABULARY = HFVocabulary(tokenizer_dir)

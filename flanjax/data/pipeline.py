@@ -183,6 +183,7 @@ class SeqioBatches:
     num_epochs: int | None = None  # None: repeat forever
     shard_index: int | None = None  # default: this JAX process
     num_shards: int | None = None
+    converter: seqio.FeatureConverter | None = None  # None: `decoder_converter`'s for the task
 
     def __post_init__(self):
         get_task_or_mixture(self.mixture_or_task_name)  # fail early with suggestions
@@ -218,7 +219,7 @@ class SeqioBatches:
 
     # Subclasses for other models (e.g. the reward model's comparisons) override these two.
     def feature_converter(self) -> seqio.FeatureConverter:
-        return decoder_converter(self.pack, self.mixture_or_task_name)
+        return self.converter or decoder_converter(self.pack, self.mixture_or_task_name)
 
     def model_features(self, features: dict) -> dict:
         return _fill_unpacked(features)

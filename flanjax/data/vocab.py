@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 
 import gin
@@ -114,9 +115,11 @@ class HFVocabulary(seqio.Vocabulary):
         return hash(self.path)
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int, individual_digits: bool = False) -> transformers.PreTrainedTokenizerFast:
+def train_tokenizer(corpus: Iterable[str], vocab_size: int, individual_digits: bool = False,
+                    special_tokens: Sequence[str] = ()) -> transformers.PreTrainedTokenizerFast:  # fmt: skip
     """A byte-level BPE tokenizer trained on `corpus` (any text encodes; ids 0, 1, 2 are
-    <pad>, </s>, <unk>: seqio pads with 0). For tests, benchmarks and the quickstart."""
+    <pad>, </s>, <unk>: seqio pads with 0; `special_tokens` follow). For tests, benchmarks
+    and the quickstarts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -125,12 +128,33 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, individual_digits: b
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<pad>", "</s>", "<unk>"],
+        special_tokens=["<pad>", "</s>", "<unk>", *special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                                additional_special_tokens=list(special_tokens))  # fmt: skip
+
+
+def cached_tokenizer(name: str, corpus: Sequence[str], vocab_size: int, **kwargs) -> str:
+    """Directory of a `train_tokenizer(corpus, vocab_size, **kwargs)`, trained on first use
+    under $FLANJAX_CACHE (default ~/.cache/flanjax), atomically and process-safely. Keyed by
+    the corpus: editing a task's text retrains the tokenizer instead of reusing a stale one."""
+    cache = os.environ.get("FLANJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flanjax"))
+    key = hashlib.sha1((chr(0).join(corpus) + repr((vocab_size, sorted(kwargs.items())))).encode()).hexdigest()[:12]
+    path = os.path.join(cache, f"{name}_{key}")
+    if os.path.isdir(path):
+        return path
+    fast = train_tokenizer(corpus, vocab_size, **kwargs)
+    os.makedirs(cache, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=cache, prefix=".tokenizer-")
+    fast.save_pretrained(staging)
+    try:
+        os.rename(staging, path)
+    except OSError:  # another process got there first; theirs is identical
+        pass
+    return path
 
 
 @gin.configurable

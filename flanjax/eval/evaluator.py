@@ -24,6 +24,7 @@ import numpy as np
 import seqio
 from flax import nnx
 
+from flanjax.data.bidirectional import PrefixedFeatureConverter
 from flanjax.data.pipeline import decoder_converter, get_task_or_mixture
 from flanjax.decode import SamplingConfig, SequenceTooLongError, check_length, decoder_features, generate, score_rows
 from flanjax.errors import FlanjaxError
@@ -69,6 +70,7 @@ class Evaluator:
         task_feature_lengths: Mapping[str, int] | None = None,  # None: each task's longest
         default_task: str | None = None,
         stop_tokens: tuple[int, ...] = (),  # besides EOS: a chat model's end-of-turn token
+        prefix: tuple[int, ...] = (),  # ids before every prompt: a bidirectional model's <l2r>
     ):
         name = config.mixture_or_task_name or default_task
         if name is None:
@@ -83,7 +85,7 @@ class Evaluator:
         self.stop_tokens = stop_tokens
         self.seqio_evaluator = seqio.Evaluator(
             name,
-            feature_converter=decoder_converter(pack=False),
+            feature_converter=PrefixedFeatureConverter(prefix, pack=False) if prefix else decoder_converter(pack=False),
             eval_split=config.split,
             sequence_length=dict(task_feature_lengths) if task_feature_lengths else None,
             num_examples=config.num_examples,

@@ -3,7 +3,8 @@
 `label` samples K responses to each prompt of a task, has a labeler (rubric, model judge,
 human labels, or a mix) rank them, and writes the comparisons as preference JSONL, which
 `reward.preference_task` reads as a seqio task. `best_of_n` samples n responses and keeps
-the reward model's favourite (InstructGPT's rejection-sampling baseline).
+the reward model's favourite (InstructGPT's rejection-sampling baseline);
+`best_of_n_bidirectional` keeps the one a bidirectional model finds likeliest both ways (BatGPT).
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from flanjax.rundir.metrics import console
 from flanjax.sharding import Partitioner
 
 
-def sample(policy: str, prompts: Sequence[str], vocabulary, partitioner: Partitioner, *, num_samples: int,
+def sample(policy: str | Policy, prompts: Sequence[str], vocabulary, partitioner: Partitioner, *, num_samples: int,
            sampling: SamplingConfig, prompt_len: int, batch_size: int = 64, seed: int = 0) -> list[list[str]]:  # fmt: skip
     """`num_samples` responses to each prompt from a run's policy (refused if `vocabulary` is
     not the tokenizer the policy recorded). A policy trained on conversations gets each prompt
     as a user turn and stops at its end-of-turn token."""
-    model = Policy.load(policy, partitioner, vocabulary)
+    model = policy if isinstance(policy, Policy) else Policy.load(policy, partitioner, vocabulary)
     flat = [[Message("user", p)] for p in prompts for _ in range(num_samples)]
     texts = model.replies(flat, sampling, prompt_len=prompt_len, batch_size=batch_size, seed=seed)
     return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
@@ -62,4 +63,19 @@ def best_of_n(policy: str, reward: RewardModel, prompts: Sequence[str], vocabula
         {"prompt": p, "response": rs[int(np.argmax(r))], "reward": float(r.max()), "candidates": list(rs),
          "rewards": [float(x) for x in r]}  # fmt: skip
         for p, rs, r in zip(prompts, candidates, rewards)
+    ]
+
+
+def best_of_n_bidirectional(policy: str, prompts: Sequence[str], vocabulary, partitioner: Partitioner, *, n: int, lam: float,
+                            sampling: SamplingConfig, prompt_len: int, batch_size: int = 64, seed: int = 0) -> list[dict]:  # fmt: skip
+    """For each prompt: n samples from a bidirectionally trained run, each scored by the same
+    model as log p_l2r(y | x) + lam * log p_r2l(x | y) (`Policy.rescore`), and the best one: a
+    response that does not fit its prompt scores low backwards."""
+    model = Policy.load(policy, partitioner, vocabulary)
+    candidates = sample(model, prompts, vocabulary, partitioner, num_samples=n, sampling=sampling, prompt_len=prompt_len,
+                        batch_size=batch_size, seed=seed)  # fmt: skip
+    best, scores = model.rescore(prompts, candidates, lam, batch_size)
+    return [
+        {"prompt": p, "response": ys[b], "score": float(s[b]), "candidates": list(ys), "scores": [float(x) for x in s]}
+        for p, ys, b, s in zip(prompts, candidates, best, scores)
     ]

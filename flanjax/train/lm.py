@@ -19,6 +19,7 @@ from flax import nnx
 from rich.table import Table
 
 from flanjax.data.availability import check_datasets
+from flanjax.data.bidirectional import BidirectionalFeatureConverter, Directions, DirectionTokenError
 from flanjax.data.dialogue import check_conversations, eot_id, is_dialogue
 from flanjax.data.pipeline import SeqioBatches, check_vocabulary, steps_per_epoch
 from flanjax.eval.evaluator import EvalConfig, Evaluator, TaskResult, flat_metrics
@@ -65,6 +66,7 @@ def train(
     init_checkpoint: str | None = None,
     lora: LoraConfig | None = None,
     ewc: EwcConfig | None = None,
+    bidirectional: Directions | None = None,
     epochs: int | None = None,
     checkpoint_every_epoch: bool = False,
 ) -> LoopResult:
@@ -75,7 +77,7 @@ def train(
     weights start a fresh run, e.g. one written by `flanjax convert from-hf`. `lora`: train
     low-rank adapters on those weights, which stay frozen. `ewc`: add the EWC penalty on the
     adapters' updates, with a `flanjax fisher` of those weights (logged as "ewc"; validation
-    loss stays the LM loss). `epochs`: train for this many passes over the training split
+    loss stays the LM loss). `bidirectional`: train both directions (`data.bidirectional`). `epochs`: train for this many passes over the training split
     instead (LIMA: 15), the steps counted from its size, with a checkpoint after each pass if
     `checkpoint_every_epoch`."""
     partitioner = Partitioner.from_config(mesh)
@@ -94,7 +96,11 @@ def train(
     origin = None if init_checkpoint is None else resolve_checkpoint(init_checkpoint)
     fisher = ewc and fisher_for_run(ewc, model, lora, origin)  # before compiling: a bad Fisher fails now
     stops = () if dialogue is None else (eot_id(vocabulary.tokenizer, dialogue),)  # decoding ends a reply there
-    batches = SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process, seed=seed, pack=pack, shuffle=shuffle)
+    if bidirectional is not None and dialogue is not None:
+        raise DirectionTokenError(f"{mixture_or_task_name!r} is a dialogue task: bidirectional training reads prompt/response or plain-text tasks.")
+    converter = bidirectional and BidirectionalFeatureConverter.of(bidirectional, vocabulary, pack)  # before compiling: a missing token fails now
+    prefix = () if bidirectional is None else converter.ids[:1]  # evaluation prompts start with <l2r>
+    batches = SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process, seed=seed, pack=pack, shuffle=shuffle, converter=converter)
     loss = lm_loss(z_loss, loss_chunk_size)
     train_loss = loss if ewc is None else ewc_loss(loss, ewc)
     tx = make_optimizer(optimizer, loop.num_steps)
@@ -105,14 +111,14 @@ def train(
         hooks = {}
         if validation is not None:
             source = SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process, split=validation.split,
-                                  shuffle=False, pack=pack, num_epochs=1)  # fmt: skip
+                                  shuffle=False, pack=pack, num_epochs=1, converter=converter)  # fmt: skip
             hooks["validation"] = trainer.validation_hook(partitioner, make_eval_step(graphdef, loss), abstract, source,
                                                           validation.num_batches)  # fmt: skip
         if evaluation is not None:
             model_def = nnx.split(nnx.eval_shape(lambda: new_model(model, lora)))[0]
             hooks["eval"] = evaluation_hook(Evaluator(evaluation, model=model, graphdef=model_def, partitioner=partitioner,
                                                       task_feature_lengths=task_feature_lengths,
-                                                      default_task=mixture_or_task_name, stop_tokens=stops), evaluations)  # fmt: skip
+                                                      default_task=mixture_or_task_name, stop_tokens=stops, prefix=prefix), evaluations)  # fmt: skip
         return hooks
 
     def pretrained():
@@ -133,7 +139,7 @@ def train(
         compile_step=lambda graphdef, abstract, spec: trainer.jit_step(
             make_train_step(graphdef, train_loss, num_microbatches=num_microbatches, seed=seed), abstract, spec),
         make_hooks=make_hooks, learning_rate=make_schedule(optimizer, loop.num_steps),
-        dialogue=dialogue, data_metrics=data_metrics,
+        dialogue=dialogue, directions=bidirectional, data_metrics=data_metrics,
         tokens_per_step=batch_size * seq_len,
         flops_per_step=batch_size * seq_len * throughput.train_flops_per_token(model, seq_len),
         peak_flops=throughput.peak_flops(),

@@ -9,7 +9,7 @@ in one order for all of them:
     ahead-of-time compile                          before any data is read, with a memory report
                                                    (a dry run stops here, having written nothing)
     model.json / lora.json / init_checkpoint.txt,  the run directory says what it holds
-    dialogue.json, tokenizer/
+    dialogue.json, directions.json, tokenizer/
     checkpointer, metrics, hooks, TrainLoop        resume or create the state born sharded
     close, plots                                   loss.png (and the method's own plots)
 
@@ -27,6 +27,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from flanjax.data.bidirectional import Directions, write_directions
 from flanjax.data.dialogue import DialogueFormat, write_format
 from flanjax.models.lora import LoraConfig
 from flanjax.models.transformer import TransformerConfig
@@ -82,6 +83,7 @@ class Trainer:
     lora: LoraConfig | None = None  # written to lora.json
     vocabulary: Any = None  # the data's tokenizer (a seqio Vocabulary): checked and recorded in tokenizer/
     dialogue: DialogueFormat | None = None  # how conversations were rendered: recorded in dialogue.json
+    directions: Directions | None = None  # bidirectional training's tokens: recorded in directions.json
     data_metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)  # about the data, logged at step 0
     origin: str | None = None  # the run directory the weights start from
     learning_rate: Callable[[int], float] | None = None
@@ -116,6 +118,8 @@ def run(trainer: Trainer) -> LoopResult:
                 write_init_checkpoint(t.model_dir, t.origin)
             if t.dialogue is not None:
                 write_format(t.model_dir, t.dialogue)
+            if t.directions is not None:
+                write_directions(t.model_dir, t.directions)
         metrics = MetricsLog(t.model_dir)
         metrics.write(0, t.data_metrics)
         checkpointer = Checkpointer(t.model_dir, t.checkpoint)
