@@ -77,7 +77,8 @@ def train(
     weights start a fresh run, e.g. one written by `flanjax convert from-hf`. `lora`: train
     low-rank adapters on those weights, which stay frozen. `ewc`: add the EWC penalty on the
     adapters' updates, with a `flanjax fisher` of those weights (logged as "ewc"; validation
-    loss stays the LM loss). `bidirectional`: train both directions (`data.bidirectional`). `epochs`: train for this many passes over the training split
+    loss stays the LM loss). `bidirectional`: train left-to-right and right-to-left (BatGPT,
+    `data.bidirectional`). `epochs`: train for this many passes over the training split
     instead (LIMA: 15), the steps counted from its size, with a checkpoint after each pass if
     `checkpoint_every_epoch`."""
     partitioner = Partitioner.from_config(mesh)
