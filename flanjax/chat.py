@@ -14,12 +14,11 @@ import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
-import tensorflow as tf
 from flax import nnx
 
-from flanjax.data.bidirectional import direction_ids, read_directions, streams
+from flanjax.data.bidirectional import bidirectional_scores, pair_rows, run_direction_ids
 from flanjax.data.dialogue import DialogueFormat, Message, eot_id, prompt_ids, read_format, render
-from flanjax.decode import SamplingConfig, decoder_features, decoder_prompt, generate_ids, score_rows
+from flanjax.decode import SamplingConfig, decoder_prompt, generate_ids, round_up, score_ids
 from flanjax.errors import FlanjaxError
 from flanjax.rundir.files import check_tokenizer, lineage, resolve_checkpoint, restore, run_vocabulary
 from flanjax.sharding import Partitioner
@@ -30,10 +29,6 @@ LIMA_SAMPLING = SamplingConfig(max_new_tokens=256, temperature=0.7, top_p=0.9, r
 
 class PolicyError(FlanjaxError, ValueError):
     pass
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 @dataclasses.dataclass
@@ -60,9 +55,8 @@ class Policy:
         fmt = read_format(lineage(run_dir))
         if fmt is not None:
             eot_id(vocabulary.tokenizer, fmt)  # a run's format names a token of its tokenizer; say so early if not
-        directions = read_directions(lineage(run_dir))
-        ids = None if directions is None else direction_ids(vocabulary, directions)
-        return cls(graphdef, state, vocabulary, fmt, partitioner, config.max_len, step, ids)
+        directions = run_direction_ids(lineage(run_dir), vocabulary)
+        return cls(graphdef, state, vocabulary, fmt, partitioner, config.max_len, step, directions)
 
     def prompt(self, messages: Sequence[Message]) -> list[int]:
         """The ids that ask for the next reply (`decoder_prompt` lays them out as in training)."""
@@ -86,11 +80,11 @@ class Policy:
         room = self.max_len - config.max_new_tokens
         if room < 2:
             raise PolicyError(f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in max_len={self.max_len}.")
-        width = prompt_len or min(room, _round_up(1 + max(map(len, prompts)), 64))  # few widths: few compiles
+        width = prompt_len or min(room, round_up(1 + max(map(len, prompts)), 64))  # few widths: few compiles
         shards = self.partitioner.data_parallel_size
         new = generate_ids(self.graphdef, self.state, [decoder_prompt(p, width) for p in prompts],
                            eos_id=self.vocabulary.eos_id, config=self.sampling(config), partitioner=self.partitioner,
-                           prompt_len=width, batch_size=_round_up(min(batch_size, len(prompts)), shards), seed=seed)  # fmt: skip
+                           prompt_len=width, batch_size=round_up(min(batch_size, len(prompts)), shards), seed=seed)  # fmt: skip
         return [self.vocabulary.decode(ids) for ids in new]
 
     def perplexity(self, conversations: Sequence[Sequence[Message]], references: Sequence[str], batch_size: int = 64) -> float:
@@ -120,13 +114,11 @@ class Policy:
             raise PolicyError("this run was not trained bidirectionally (no directions.json): it cannot be asked backwards.")
         eos, rows = self.vocabulary.eos_id, []
         for prompt, response in zip(prompts, responses, strict=True):
-            x, y = self.vocabulary.encode(prompt), [*self.vocabulary.encode(response), eos]
+            x, y = self.vocabulary.encode(prompt), self.vocabulary.encode(response)
             if self.directions is None:
-                rows.append(([*x, *y], [0] * len(x) + [1] * len(y)))
-                continue
-            pairs = streams(tf.constant(x, tf.int32), tf.constant(y, tf.int32), *self.directions, eos)
-            ids, trained = pairs[direction == "r2l"]
-            rows.append((ids.numpy().tolist(), trained.numpy().astype(int).tolist()))
+                rows.append(([*x, *y, eos], [0] * len(x) + [1] * (len(y) + 1)))
+            else:
+                rows.append(pair_rows(x, y, self.directions, eos)[direction == "r2l"])
         return self._score(rows, batch_size)
 
     def rescore(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], lam: float = 1.0,
@@ -134,21 +126,17 @@ class Policy:
         """BatGPT's bidirectional rescoring: each candidate response y to prompt x scored
         log p_l2r(y | x) + lam * log p_r2l(x | y) by this one model; (each prompt's best
         candidate, the scores [prompts, candidates])."""
-        flat_x = [x for x, ys in zip(prompts, candidates) for _ in ys]
-        flat_y = [y for ys in candidates for y in ys]
-        scores = self.log_likelihoods(flat_x, flat_y, "l2r", batch_size) + lam * self.log_likelihoods(flat_x, flat_y, "r2l", batch_size)
-        scores = scores.reshape(len(prompts), -1)
+        if self.directions is None:
+            raise PolicyError("this run was not trained bidirectionally (no directions.json): it cannot rescore both ways.")
+        encode = self.vocabulary.encode
+        xs = [encode(x) for x, ys in zip(prompts, candidates, strict=True) for _ in ys]
+        flat = [encode(y) for ys in candidates for y in ys]
+        scores = bidirectional_scores(self.graphdef, self.state, self.partitioner, xs, flat, self.directions, self.vocabulary.eos_id,
+                                      lam, batch_size, self.max_len).reshape(len(prompts), -1)  # fmt: skip
         return [int(i) for i in scores.argmax(1)], scores
 
     def _score(self, rows: Sequence[tuple[Sequence[int], Sequence[float]]], batch_size: int) -> np.ndarray:
-        """Summed log-likelihood of each (ids, weights) row's weighted tokens (its last max_len)."""
-        width = min(self.max_len, _round_up(max(len(ids) for ids, _ in rows), 64))
-        tokens, weights = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), np.float32)
-        for r, (ids, w) in enumerate(rows):
-            ids, w = ids[-width:], w[-width:]
-            tokens[r, : len(ids)], weights[r, : len(w)] = ids, w
-        batch = _round_up(min(batch_size, len(rows)), self.partitioner.data_parallel_size)
-        return score_rows(self.graphdef, self.state, decoder_features(tokens, weights), self.partitioner, batch)
+        return score_ids(self.graphdef, self.state, rows, self.partitioner, batch_size, self.max_len)
 
 
 def chat(policy: Policy, lines: Iterable[str], say: Callable[[str], None], *, sampling: SamplingConfig = LIMA_SAMPLING,

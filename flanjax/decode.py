@@ -421,6 +421,23 @@ def score_rows(graphdef: nnx.GraphDef, state: nnx.State, rows: Mapping[str, np.n
     return result
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def score_ids(graphdef: nnx.GraphDef, state: nnx.State, rows: Sequence[tuple[Sequence[int], Sequence[float]]], partitioner,
+              batch_size: int, max_len: int) -> np.ndarray:  # fmt: skip
+    """`score_rows` of token-id rows: each (ids, weights) row's summed log-likelihood of its
+    weighted tokens, the row cut to its last `max_len` ids (widths rounded to 64: few compiles)."""
+    width = min(max_len, round_up(max(len(ids) for ids, _ in rows), 64))
+    tokens, weights = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), np.float32)
+    for r, (ids, w) in enumerate(rows):
+        ids, w = ids[-width:], w[-width:]
+        tokens[r, : len(ids)], weights[r, : len(w)] = ids, w
+    batch = round_up(min(batch_size, len(rows)), partitioner.data_parallel_size)
+    return score_rows(graphdef, state, decoder_features(tokens, weights), partitioner, batch)
+
+
 def generate_ids(
     graphdef: nnx.GraphDef,
     state: nnx.State,

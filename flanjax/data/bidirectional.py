@@ -17,7 +17,7 @@ A direction of weight 0 is not produced: `Directions(r2l_weight=0)` is forward-o
 training in the same format, the baseline of `make quickstart-batgpt`.
 
 A run trained this way records its tokens in directions.json, so that sampling and
-evaluation start every prompt with <l2r> (`prefixed_converter`) and rescoring can ask the
+evaluation start every prompt with <l2r> (`PrefixedFeatureConverter`) and rescoring can ask the
 same model backwards (`flanjax.chat.Policy.rescore`).
 """
 
@@ -29,10 +29,12 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 
 import gin
+import numpy as np
 import seqio
 import tensorflow as tf
 
 from flanjax.data.weighted import WEIGHT_UNIT, WeightedFeatureConverter
+from flanjax.decode import score_ids
 from flanjax.errors import FlanjaxError
 
 
@@ -81,6 +83,22 @@ def streams(x: tf.Tensor, y: tf.Tensor, l2r: int, r2l: int, eos: int, has_inputs
     # Trained on the prompt given the response; a plain text is all "prompt".
     backward_trained = tf.concat([[False], tf.fill(tf.shape(core), not has_inputs), tf.fill(tf.shape(x), True), [True]], 0)
     return (forward, forward_trained), (backward, backward_trained)
+
+
+def pair_rows(x: Sequence[int], y: Sequence[int], ids: tuple[int, int], eos: int) -> tuple[tuple[list[int], list[int]], ...]:
+    """`streams` of a tokenized prompt x and response y (without EOS) as lists of ids and 0/1
+    weights, to score: log p(y | x) on the first, log p(x | y) on the second."""
+    pairs = streams(tf.constant(list(x), tf.int32), tf.constant([*y, eos], tf.int32), *ids, eos)
+    return tuple((tokens.numpy().tolist(), trained.numpy().astype(int).tolist()) for tokens, trained in pairs)
+
+
+def bidirectional_scores(graphdef, state, partitioner, xs: Sequence[Sequence[int]], ys: Sequence[Sequence[int]],
+                         ids: tuple[int, int], eos: int, lam: float, batch_size: int, max_len: int) -> np.ndarray:  # fmt: skip
+    """BatGPT's rescoring score of each tokenized (prompt x, response y) pair, by one model:
+    log p_l2r(y + EOS | x) + lam * log p_r2l(x | y)."""
+    rows = [pair_rows(x, y, ids, eos) for x, y in zip(xs, ys, strict=True)]
+    score = lambda k: score_ids(graphdef, state, [r[k] for r in rows], partitioner, batch_size, max_len)  # noqa: E731
+    return score(0) + lam * score(1)
 
 
 class BidirectionalFeatureConverter(WeightedFeatureConverter):
@@ -161,10 +179,11 @@ def write_directions(run_dir: str, directions: Directions) -> None:
         json.dump({"l2r_token": directions.l2r_token, "r2l_token": directions.r2l_token}, f, indent=2)
 
 
-def prompt_prefix(run_dirs: Iterable[str], vocabulary: seqio.Vocabulary) -> tuple[int, ...]:
-    """(<l2r>'s id,) for a run trained bidirectionally (it or an ancestor recorded directions), else ()."""
+def run_direction_ids(run_dirs: Iterable[str], vocabulary: seqio.Vocabulary) -> tuple[int, int] | None:
+    """(<l2r>, <r2l>) ids of a run trained bidirectionally (it or an ancestor recorded its
+    directions), else None."""
     directions = read_directions(run_dirs)
-    return () if directions is None else direction_ids(vocabulary, directions)[:1]
+    return None if directions is None else direction_ids(vocabulary, directions)
 
 
 def read_directions(run_dirs: Iterable[str]) -> Directions | None:

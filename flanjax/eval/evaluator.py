@@ -4,7 +4,9 @@ seqio owns the evaluation datasets (built and cached once), decoding predictions
 the tasks' post-processing and their metric functions. flanjax supplies the two model
 functions seqio asks for, both running sharded on the mesh:
 
-    predict  decode each example's prompt (its inputs) with `flanjax.decode.generate`
+    predict  decode each example's prompt (its inputs) with `flanjax.decode.generate` (or
+             sample several continuations and keep the best by BatGPT's bidirectional
+             rescoring, `EvalConfig.rescore`, for a bidirectionally trained model)
     score    the log-likelihood of each row's targets with `flanjax.decode.score_rows` (rows
              that share a prompt, the options of one example, compute it once)
 
@@ -17,6 +19,7 @@ the training loop's periodic evaluation hook.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping
 
 import jax.numpy as jnp
@@ -24,7 +27,7 @@ import numpy as np
 import seqio
 from flax import nnx
 
-from flanjax.data.bidirectional import PrefixedFeatureConverter
+from flanjax.data.bidirectional import PrefixedFeatureConverter, bidirectional_scores
 from flanjax.data.pipeline import decoder_converter, get_task_or_mixture
 from flanjax.decode import SamplingConfig, SequenceTooLongError, check_length, decoder_features, generate, score_rows
 from flanjax.errors import FlanjaxError
@@ -37,12 +40,24 @@ class EvalError(FlanjaxError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Rescore:
+    """BatGPT's bidirectional rescoring of generation tasks: `num_candidates` continuations per
+    prompt sampled with EvalConfig.sampling (which must sample), each scored
+    log p_l2r(y | x) + lam * log p_r2l(x | y) by the same bidirectionally trained model; the
+    best is the prediction."""
+
+    num_candidates: int = 4
+    lam: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     mixture_or_task_name: str | None = None  # None: the training mixture
     split: str = "validation"
     num_examples: int | None = None  # rows per task (a scoring task has a row per option); None: all
     batch_size: int = 32  # rows per model call (global)
     sampling: SamplingConfig | None = None  # None: greedy, up to each task's longest target
+    rescore: Rescore | None = None
     seed: int = 0
 
 
@@ -70,7 +85,7 @@ class Evaluator:
         task_feature_lengths: Mapping[str, int] | None = None,  # None: each task's longest
         default_task: str | None = None,
         stop_tokens: tuple[int, ...] = (),  # besides EOS: a chat model's end-of-turn token
-        prefix: tuple[int, ...] = (),  # ids before every prompt: a bidirectional model's <l2r>
+        directions: tuple[int, int] | None = None,  # a bidirectional model's (<l2r>, <r2l>): prompts start with <l2r>
     ):
         name = config.mixture_or_task_name or default_task
         if name is None:
@@ -83,9 +98,17 @@ class Evaluator:
         _check_tasks(name, config.split)
         self.config, self.model, self.graphdef, self.partitioner = config, model, graphdef, partitioner
         self.stop_tokens = stop_tokens
+        self.directions = directions
+        if config.rescore is not None:
+            if directions is None:
+                raise EvalError("EvalConfig.rescore asks the model backwards: evaluate a bidirectionally trained run "
+                                "(configs/runs/bidirectional.gin), or set rescore=None.")  # fmt: skip
+            if config.rescore.num_candidates < 2 or config.sampling is None or config.sampling.temperature <= 0:
+                raise EvalError("EvalConfig.rescore chooses among sampled candidates: set num_candidates >= 2 and a "
+                                "sampling temperature > 0 (evaluator.EvalConfig.sampling).")  # fmt: skip
         self.seqio_evaluator = seqio.Evaluator(
             name,
-            feature_converter=PrefixedFeatureConverter(prefix, pack=False) if prefix else decoder_converter(pack=False),
+            feature_converter=PrefixedFeatureConverter(directions[:1], pack=False) if directions else decoder_converter(pack=False),
             eval_split=config.split,
             sequence_length=dict(task_feature_lengths) if task_feature_lengths else None,
             num_examples=config.num_examples,
@@ -150,9 +173,25 @@ class Evaluator:
             return generate(self.graphdef, model_state, batch["prompts"], jnp.maximum(batch["lengths"], 1),
                             eos_id=eos_id, config=sampling, seed=self.config.seed).tokens  # fmt: skip
 
+        if self.config.rescore is not None:
+            return list(zip(indices, self._rescored(predict, prompts, lengths, sampling, eos_id, model_state)))
         # Whole rows (0 after each stop token): seqio stacks them and cuts at EOS itself.
         tokens = self.partitioner.map_batches(predict, {"prompts": prompts, "lengths": lengths}, self.config.batch_size)
         return [(i, row.tolist()) for i, row in zip(indices, tokens)]
+
+    def _rescored(self, predict, prompts, lengths, sampling: SamplingConfig, eos_id: int, model_state: nnx.State) -> list[list[int]]:
+        """Each prompt's best of `num_candidates` samples by log p_l2r(y | x) + lam * log p_r2l(x | y)."""
+        n, lam = self.config.rescore.num_candidates, self.config.rescore.lam
+        # Prompts are 0, <l2r>, x; the n copies of each sample apart (the sampler's keys differ by row).
+        tokens = self.partitioner.map_batches(predict, {"prompts": np.repeat(prompts, n, 0), "lengths": np.repeat(lengths, n)},
+                                              self.config.batch_size)  # fmt: skip
+        stops = {eos_id, 0, *sampling.stop_tokens}
+        candidates = [[int(t) for t in itertools.takewhile(lambda t: t not in stops, row)] for row in tokens]
+        xs = [prompts[i // n, 2 : lengths[i // n]] for i in range(len(candidates))]
+        scores = bidirectional_scores(self.graphdef, model_state, self.partitioner, xs, candidates, self.directions, eos_id, lam,
+                                      self.config.batch_size, self.model.max_len)  # fmt: skip
+        best = scores.reshape(-1, n).argmax(1)
+        return [[*candidates[i * n + b], eos_id] for i, b in enumerate(best)]
 
     def _score(self, ds, model_state: nnx.State) -> list[tuple[int, float]]:
         indices, rows = self._rows(ds)

@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 
 from flanjax.data.availability import check_datasets
-from flanjax.data.bidirectional import prompt_prefix
+from flanjax.data.bidirectional import run_direction_ids
 from flanjax.data.pipeline import check_vocabulary
 from flanjax.eval.evaluator import EvalConfig, Evaluator, TaskResult, flat_metrics
 from flanjax.eval.report import markdown_table, write_results
@@ -57,7 +57,7 @@ def evaluate(
         dataclasses.replace(evaluation, mixture_or_task_name=mixture_or_task_name),
         model=model, graphdef=graphdef, partitioner=partitioner, task_feature_lengths=task_feature_lengths,
         stop_tokens=() if dialogue is None else (eot_id(run_vocabulary(run_dir).tokenizer, dialogue),),
-        prefix=prompt_prefix(lineage(run_dir), run_vocabulary(run_dir)),
+        directions=run_direction_ids(lineage(run_dir), run_vocabulary(run_dir)),
     )  # fmt: skip
     console.print(f"Evaluating {run_dir} at step {step} on {mixture_or_task_name}")
     state = Checkpointer(run_dir, read_only=True).restore_model(step, abstract)

@@ -100,7 +100,6 @@ def train(
     if bidirectional is not None and dialogue is not None:
         raise DirectionTokenError(f"{mixture_or_task_name!r} is a dialogue task: bidirectional training reads prompt/response or plain-text tasks.")
     converter = bidirectional and BidirectionalFeatureConverter.of(bidirectional, vocabulary, pack)  # before compiling: a missing token fails now
-    prefix = () if bidirectional is None else converter.ids[:1]  # evaluation prompts start with <l2r>
     batches = SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process, seed=seed, pack=pack, shuffle=shuffle, converter=converter)
     loss = lm_loss(z_loss, loss_chunk_size)
     train_loss = loss if ewc is None else ewc_loss(loss, ewc)
@@ -119,7 +118,7 @@ def train(
             model_def = nnx.split(nnx.eval_shape(lambda: new_model(model, lora)))[0]
             hooks["eval"] = evaluation_hook(Evaluator(evaluation, model=model, graphdef=model_def, partitioner=partitioner,
                                                       task_feature_lengths=task_feature_lengths,
-                                                      default_task=mixture_or_task_name, stop_tokens=stops, prefix=prefix), evaluations)  # fmt: skip
+                                                      default_task=mixture_or_task_name, stop_tokens=stops, directions=converter and converter.ids), evaluations)  # fmt: skip
         return hooks
 
     def pretrained():
