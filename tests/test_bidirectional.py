@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -16,11 +17,14 @@ from flax import nnx
 from flanjax import cli
 from flanjax.chat import Policy, PolicyError
 from flanjax.data.bidirectional import (
-    DIRECTIONS_FILE, BidirectionalFeatureConverter, Directions, DirectionTokenError, PrefixedFeatureConverter, direction_ids,
+    DIRECTIONS_FILE, BidirectionalFeatureConverter, Directions, DirectionTokenError, PrefixedFeatureConverter, bidirectional_scores,
+    direction_ids,
 )  # fmt: skip
 from flanjax.data.dialogue import Message, add_dialogue_task
 from flanjax.data.vocab import HFVocabulary, train_tokenizer
+from flanjax.decode import SamplingConfig
 from flanjax.models.transformer import Transformer, TransformerConfig
+from flanjax.rundir.files import read_model_config
 from flanjax.sharding import MeshConfig, Partitioner
 from flanjax.train.losses import lm_loss
 
@@ -212,7 +216,7 @@ TRAIN = ["train", "--gin_file=tests/tiny_run.gin", "--gin_file=configs/runs/bidi
 
 @pytest.mark.slow
 def test_a_bidirectional_run_records_its_tokens_and_is_asked_both_ways(tmp_path, repo_root, monkeypatch):
-    import tasks.batgpt  # noqa: F401  (registers batgpt_facts, whose tokenizer has the direction tokens)
+    import tasks.batgpt  # registers batgpt_facts, whose tokenizer has the direction tokens
 
     monkeypatch.chdir(repo_root)
     run = str(tmp_path / "bidi")
@@ -226,8 +230,41 @@ def test_a_bidirectional_run_records_its_tokens_and_is_asked_both_ways(tmp_path,
     both = [policy.log_likelihoods(["The pet of Alice Moreno is"], [" a heron."], d)[0] for d in ("l2r", "r2l")]
     assert all(np.isfinite(both)) and both[0] != both[1]
 
+    # The evaluator option: each prompt's candidates are rescored with the prompt itself as x.
+    from flanjax.eval import evaluator as ev
+    from flanjax.eval.metrics import exact_match
 
-def test_training_refuses_a_tokenizer_without_direction_tokens_and_dialogue_tasks(tmp_path, repo_root, monkeypatch, capsys, vocabularies):
+    seen = []
+
+    def spy(graphdef, state, partitioner, xs, ys, *args):
+        seen.extend(policy.vocabulary.decode([int(t) for t in x]) for x in xs)
+        return bidirectional_scores(graphdef, state, partitioner, xs, ys, *args)
+
+    monkeypatch.setattr(ev, "bidirectional_scores", spy)
+    name = f"test_bidi_facts_{uuid.uuid4().hex[:8]}"
+    seqio.TaskRegistry.add(name, source=seqio.FunctionDataSource(tasks.batgpt._dataset_fn, splits=("validation",)),
+                           preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+                           output_features=seqio.get_mixture_or_task("batgpt_facts").output_features, metric_fns=[exact_match])  # fmt: skip
+    try:
+        config = ev.EvalConfig(name, num_examples=8, batch_size=8, sampling=SamplingConfig(max_new_tokens=6, temperature=1.0),
+                               rescore=ev.Rescore(num_candidates=3, lam=0.5))  # fmt: skip
+        model = read_model_config(run)
+        evaluator = ev.Evaluator(config, model=model, graphdef=policy.graphdef, partitioner=policy.partitioner,
+                                 task_feature_lengths={"inputs": 20, "targets": 8}, directions=policy.directions)  # fmt: skip
+        result = evaluator(3, policy.state)[name]
+        assert 0 <= result.metrics["exact_match"] <= 100 and result.num_examples == 8
+        people = [p for p, _ in tasks.batgpt.facts()[:8]]
+        assert seen == [tasks.batgpt.prompt(p) for p in people for _ in range(3)]
+        with pytest.raises(ev.EvalError, match="asks the model backwards: evaluate a bidirectionally trained run"):
+            ev.Evaluator(config, model=model, graphdef=policy.graphdef, partitioner=policy.partitioner)
+        with pytest.raises(ev.EvalError, match="num_candidates >= 2 and a sampling temperature > 0"):
+            ev.Evaluator(dataclasses.replace(config, sampling=None), model=model, graphdef=policy.graphdef,
+                         partitioner=policy.partitioner, directions=policy.directions)  # fmt: skip
+    finally:
+        seqio.TaskRegistry.remove(name)
+
+
+def test_training_refuses_a_tokenizer_without_direction_tokens_and_dialogue_tasks(tmp_path, repo_root, monkeypatch, capsys):
     monkeypatch.chdir(repo_root)
     assert run_cli([*TRAIN, f"--gin.MODEL_DIR='{tmp_path / 'a'}'"]) == 1  # the quickstart's tokenizer has none
     assert "no direction token(s) <l2r>, <r2l>" in capsys.readouterr().err
