@@ -95,7 +95,7 @@ class Policy:
             if not reference:
                 continue
             if self.format is None:
-                prompt, reply = self.vocabulary.encode(messages[-1].content), self.vocabulary.encode(reference)
+                prompt, reply = self.prompt(messages), self.vocabulary.encode(reference)  # a bidirectional run's <l2r> first
                 ids, weights = [*prompt, *reply], [0] * len(prompt) + [1] * len(reply)
             else:
                 ids, weights = render([*messages, Message("assistant", reference)], self.vocabulary.tokenizer, self.format, turns="last")

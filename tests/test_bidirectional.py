@@ -215,7 +215,7 @@ TRAIN = ["train", "--gin_file=tests/tiny_run.gin", "--gin_file=configs/runs/bidi
 
 
 @pytest.mark.slow
-def test_a_bidirectional_run_records_its_tokens_and_is_asked_both_ways(tmp_path, repo_root, monkeypatch):
+def test_a_bidirectional_run_records_its_tokens_and_is_asked_both_ways(tmp_path, repo_root, monkeypatch, capsys):
     import tasks.batgpt  # registers batgpt_facts, whose tokenizer has the direction tokens
 
     monkeypatch.chdir(repo_root)
@@ -229,6 +229,16 @@ def test_a_bidirectional_run_records_its_tokens_and_is_asked_both_ways(tmp_path,
     assert policy.prompt([Message("user", "The pet of Alice Moreno is")])[0] == policy.directions[0]  # sampling starts with <l2r>
     both = [policy.log_likelihoods(["The pet of Alice Moreno is"], [" a heron."], d)[0] for d in ("l2r", "r2l")]
     assert all(np.isfinite(both)) and both[0] != both[1]
+
+    # `flanjax sample --rescore bidirectional`: the kept response is the best-scored candidate.
+    capsys.readouterr()
+    assert run_cli(["sample", "--policy", run, "--prompt", "The pet of Alice Moreno is", "--best_of", "3", "--rescore", "bidirectional",
+                    "--temperature", "1.0", "--max_new_tokens", "4"]) == 0  # fmt: skip
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(row["candidates"]) == 3 and row["score"] == max(row["scores"])
+    assert row["response"] == row["candidates"][row["scores"].index(row["score"])]
+    expected = policy.rescore([row["prompt"]], [row["candidates"]])[1][0]
+    np.testing.assert_allclose(row["scores"], expected, rtol=1e-5)
 
     # The evaluator option: each prompt's candidates are rescored with the prompt itself as x.
     from flanjax.eval import evaluator as ev

@@ -88,18 +88,14 @@ def train(
     check_datasets(mixture_or_task_name, evaluation and evaluation.mixture_or_task_name)
     dialogue, data_metrics = check_conversations(mixture_or_task_name, task_feature_lengths) if is_dialogue(mixture_or_task_name) else (None, {})
     if epochs is not None:
-        rows, per_epoch = steps_per_epoch(mixture_or_task_name, task_feature_lengths, pack, batch_size)
-        console.print(f"One epoch: {rows} rows = {per_epoch} steps of {batch_size}; {epochs} epochs = {epochs * per_epoch} steps")
-        loop = dataclasses.replace(loop, num_steps=epochs * per_epoch)
-        checkpoint = dataclasses.replace(checkpoint, every_steps=per_epoch) if checkpoint_every_epoch else checkpoint
+        loop, checkpoint = _in_epochs(epochs, mixture_or_task_name, task_feature_lengths, pack, batch_size, loop, checkpoint,
+                                      checkpoint_every_epoch)  # fmt: skip
     elif loop.num_steps is None:
         raise ValueError("give the training length: TRAIN_STEPS (loop.LoopConfig.num_steps) or lm.train.epochs.")
     origin = None if init_checkpoint is None else resolve_checkpoint(init_checkpoint)
     fisher = ewc and fisher_for_run(ewc, model, lora, origin)  # before compiling: a bad Fisher fails now
     stops = () if dialogue is None else (eot_id(vocabulary.tokenizer, dialogue),)  # decoding ends a reply there
-    if bidirectional is not None and dialogue is not None:
-        raise DirectionTokenError(f"{mixture_or_task_name!r} is a dialogue task: bidirectional training reads prompt/response or plain-text tasks.")
-    converter = bidirectional and BidirectionalFeatureConverter.of(bidirectional, vocabulary, pack)  # before compiling: a missing token fails now
+    converter = bidirectional and _bidirectional_converter(bidirectional, mixture_or_task_name, dialogue, vocabulary, pack)
     batches = SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process, seed=seed, pack=pack, shuffle=shuffle, converter=converter)
     loss = lm_loss(z_loss, loss_chunk_size)
     train_loss = loss if ewc is None else ewc_loss(loss, ewc)
@@ -117,8 +113,8 @@ def train(
         if evaluation is not None:
             model_def = nnx.split(nnx.eval_shape(lambda: new_model(model, lora)))[0]
             hooks["eval"] = evaluation_hook(Evaluator(evaluation, model=model, graphdef=model_def, partitioner=partitioner,
-                                                      task_feature_lengths=task_feature_lengths,
-                                                      default_task=mixture_or_task_name, stop_tokens=stops, directions=converter and converter.ids), evaluations)  # fmt: skip
+                                                      task_feature_lengths=task_feature_lengths, default_task=mixture_or_task_name,
+                                                      stop_tokens=stops, directions=converter and converter.ids), evaluations)  # fmt: skip
         return hooks
 
     def pretrained():
@@ -152,6 +148,22 @@ def train(
     if jax.process_index() == 0:
         _print_eval_table(result)
     return result
+
+
+def _in_epochs(epochs: int, name: str, lengths: Mapping[str, int], pack: bool, batch_size: int, loop: LoopConfig,
+               checkpoint: CheckpointConfig, every_epoch: bool) -> tuple[LoopConfig, CheckpointConfig]:  # fmt: skip
+    """The loop (and checkpoints, with `every_epoch`) for `epochs` passes over the training split."""
+    rows, per_epoch = steps_per_epoch(name, lengths, pack, batch_size)
+    console.print(f"One epoch: {rows} rows = {per_epoch} steps of {batch_size}; {epochs} epochs = {epochs * per_epoch} steps")
+    checkpoint = dataclasses.replace(checkpoint, every_steps=per_epoch) if every_epoch else checkpoint
+    return dataclasses.replace(loop, num_steps=epochs * per_epoch), checkpoint
+
+
+def _bidirectional_converter(directions: Directions, name: str, dialogue, vocabulary, pack: bool) -> BidirectionalFeatureConverter:
+    """BatGPT's feature converter for the task, built before compiling so that a missing direction token fails now."""
+    if dialogue is not None:
+        raise DirectionTokenError(f"{name!r} is a dialogue task: bidirectional training reads prompt/response or plain-text tasks.")
+    return BidirectionalFeatureConverter.of(directions, vocabulary, pack)
 
 
 def _trained(model: TransformerConfig, lora: LoraConfig | None, ewc: EwcConfig | None = None) -> str:
