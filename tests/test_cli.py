@@ -154,11 +154,14 @@ def write_e2wm_inputs(directory) -> tuple[str, str]:
 @pytest.mark.parametrize("path", [p for p in RUN_CONFIGS if p != EVAL_CONFIG and os.path.basename(p) not in RLHF_CONFIGS])
 def test_every_run_config_trains(path, tmp_path):
     """Dry run: each shipped run config trains two steps (shrunk where it is large); add-ons
-    (lora.gin) on top of sft.gin."""
-    add_on = os.path.basename(path) == "lora.gin"
+    (lora.gin, bidirectional.gin) on top of sft.gin."""
+    add_on = os.path.basename(path) in ("lora.gin", "bidirectional.gin")
     files = ["--gin_file=configs/runs/sft.gin"] if add_on else []
     args = ["train", *files, f"--gin_file={path}", f"--gin.MODEL_DIR={tmp_path}", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8"]
-    if os.path.basename(path) == "sft.gin" or add_on:
+    if os.path.basename(path) == "bidirectional.gin":  # a task whose tokenizer has the direction tokens
+        args += ["--gin_file=configs/models/tiny.gin", "--module=tasks.batgpt", "--gin.MIXTURE_OR_TASK_NAME='batgpt_facts'",
+                 "--gin.TASK_FEATURE_LENGTHS={'inputs': 20, 'targets': 8}"]  # fmt: skip
+    elif os.path.basename(path) == "sft.gin" or add_on:
         args += ["--gin_file=configs/models/tiny.gin", "--gin.MIXTURE_OR_TASK_NAME='quickstart'",
                  "--gin.TASK_FEATURE_LENGTHS={'inputs': 48, 'targets': 16}"]  # fmt: skip
     if os.path.basename(path) == "lima.gin":  # GAIR/lima's shape, a tokenizer with the end-of-turn token

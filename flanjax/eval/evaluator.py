@@ -191,7 +191,8 @@ class Evaluator:
         scores = bidirectional_scores(self.graphdef, model_state, self.partitioner, xs, candidates, self.directions, eos_id, lam,
                                       self.config.batch_size, self.model.max_len)  # fmt: skip
         best = scores.reshape(-1, n).argmax(1)
-        return [[*candidates[i * n + b], eos_id] for i, b in enumerate(best)]
+        width = tokens.shape[1] + 1  # seqio stacks the predictions: one width, 0 after EOS
+        return [[*candidates[i * n + b], eos_id] + [0] * (width - len(candidates[i * n + b]) - 1) for i, b in enumerate(best)]
 
     def _score(self, ds, model_state: nnx.State) -> list[tuple[int, float]]:
         indices, rows = self._rows(ds)
