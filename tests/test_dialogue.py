@@ -250,6 +250,8 @@ def test_trimming_drops_and_counts_conversations_left_without_a_reply(tmp_path, 
 
 
 def test_dialogue_tasks_get_their_converter(dialogue_task):
+    import tasks.quickstart  # noqa: F401  (registers quickstart_max, whichever tests ran before)
+
     assert isinstance(SeqioBatches(dialogue_task.name, {"targets": 64}, 2).feature_converter(), DialogueFeatureConverter)
     assert not isinstance(SeqioBatches("quickstart_max", {"inputs": 8, "targets": 8}, 2).feature_converter(), DialogueFeatureConverter)
 
