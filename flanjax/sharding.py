@@ -5,6 +5,11 @@ Models name *logical* axes on their parameters ("embed", "mlp", ...) and activat
 `data`, `fsdp` and `tensor`. Changing the parallelism (pure data, FSDP, tensor, 2-D) is a
 change of mesh sizes and rules in gin, never a change to a model.
 
+Several TPU slices (multislice) join over the data-centre network (DCN), much slower than
+the links inside a slice (ICI): `MeshConfig.dcn_data` / `dcn_fsdp` split the data and FSDP
+axes across slices, every other axis stays inside one, and `device_grid` lays the devices
+out with `jax.experimental.mesh_utils.create_hybrid_device_mesh`. The rules do not change.
+
 `Partitioner` owns the mesh and the rules: it creates states already sharded (inside jit,
 with output shardings), assembles global batches from per-process data and checks at
 start-up that every parameter's axes are known and divide the mesh.
@@ -63,14 +68,33 @@ class MeshError(FlanjaxError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Sizes of the `data`, `fsdp` and `tensor` mesh axes; one of them may be -1 ("the rest")."""
+    """Sizes of the `data`, `fsdp` and `tensor` mesh axes; one of them may be -1 ("the rest").
+    With several slices, those are the sizes inside one slice, and `dcn_data` x `dcn_fsdp`
+    slices multiply the data and FSDP axes (a mesh axis is then dcn x ici devices long)."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    dcn_data: int = 1  # slices across which the batch is split
+    dcn_fsdp: int = 1  # slices across which parameters are sharded (rarely worth the DCN traffic)
     rules: LogicalRules = LOGICAL_AXIS_RULES
 
+    @property
+    def num_slices(self) -> int:
+        return self.dcn_data * self.dcn_fsdp
+
     def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        """The whole mesh's (data, fsdp, tensor) sizes on `num_devices` devices."""
+        if self.dcn_data < 1 or self.dcn_fsdp < 1:
+            raise MeshError(f"dcn_data={self.dcn_data}, dcn_fsdp={self.dcn_fsdp}: the slice counts must be positive.")
+        if num_devices % self.num_slices:
+            raise MeshError(f"{num_devices} devices do not split into dcn_data x dcn_fsdp = {self.num_slices} equal slices: "
+                            "set the DCN sizes to the number of slices the job runs on.")  # fmt: skip
+        data, fsdp, tensor = self.resolve_slice(num_devices // self.num_slices)
+        return data * self.dcn_data, fsdp * self.dcn_fsdp, tensor
+
+    def resolve_slice(self, num_devices: int) -> tuple[int, int, int]:
+        """The (data, fsdp, tensor) sizes inside one slice of `num_devices` devices."""
         sizes = (self.data, self.fsdp, self.tensor)
         described = " x ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
         if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
@@ -107,14 +131,29 @@ def _axis_to_shrink(sizes: tuple[int, ...], num_devices: int) -> tuple[str, int]
 
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     devices = list(devices if devices is not None else jax.devices())
-    shape = config.resolve(len(devices))
     # Auto axes: GSPMD propagates shardings through contractions (Flax 0.12 + jax 0.10).
-    return jax.make_mesh(
-        shape,
-        MESH_AXES,
-        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-        devices=devices,
-    )
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if config.num_slices == 1:
+        return jax.make_mesh(config.resolve(len(devices)), MESH_AXES, axis_types=auto, devices=devices)
+    return jax.sharding.Mesh(device_grid(config, devices), MESH_AXES, axis_types=auto)
+
+
+def device_grid(config: MeshConfig, devices: Sequence[Any]) -> np.ndarray:
+    """The devices of a multislice mesh as a [data, fsdp, tensor] array: each slice a contiguous
+    block (its own ICI mesh), the slices laid along the data and FSDP axes (the DCN). Devices
+    of one slice (GPUs, CPUs) count each process as a slice, as jax's fallback does."""
+    from jax.experimental import mesh_utils
+
+    config.resolve(len(devices))  # the sizes first: they name the axis to change
+    # One slice (or none recorded: GPUs, CPUs): the processes, one per host, are the DCN's units.
+    by_process = len({getattr(d, "slice_index", None) for d in devices}) == 1
+    unit = "process" if by_process else "slice"
+    found = len({d.process_index if by_process else d.slice_index for d in devices})
+    if found != config.num_slices:
+        raise MeshError(f"the mesh asks for dcn_data x dcn_fsdp = {config.num_slices} slices, but the devices form {found} "
+                        f"(counted by {unit}). Set MeshConfig.dcn_data (and dcn_fsdp) to the number of slices the job runs on.")  # fmt: skip
+    per_slice = config.resolve_slice(len(devices) // config.num_slices)
+    return mesh_utils.create_hybrid_device_mesh(per_slice, (config.dcn_data, config.dcn_fsdp, 1), devices, process_is_granule=by_process)
 
 
 def logical_to_mesh(axes: Sequence[str | None], rules: LogicalRules) -> PartitionSpec:

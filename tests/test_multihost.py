@@ -1,4 +1,4 @@
-"""Multi-host: 2 processes x 4 CPU devices train exactly like 1 process x 8 devices."""
+"""Multi-host: 2 processes x 4 CPU devices train exactly like 1 process x 8 devices, also as two slices."""
 
 import os
 import socket
@@ -64,3 +64,17 @@ def test_two_processes_match_one_process(tmp_path):
     for a, b in zip(one, two):
         assert b == pytest.approx(a, rel=1e-5)
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["3", "6"]
+
+    # The processes as two slices (CPUs have no slice_index: each process is one), data
+    # parallelism across them and FSDP inside each: a hybrid mesh, the same training.
+    address = f"127.0.0.1:{_free_port()}"
+    slices = ["--gin.sharding.MeshConfig.dcn_data=2", "--gin.sharding.MeshConfig.data=1", "--gin.sharding.MeshConfig.fsdp=-1"]
+    procs = [
+        _launch(tmp_path / "slices", 4, [f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}", *slices])
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
+    assert "'data': 2, 'fsdp': 4" in outs[0]
+    for a, b in zip(one, _losses(tmp_path / "slices"), strict=True):
+        assert b == pytest.approx(a, rel=1e-5)
