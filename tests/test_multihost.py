@@ -1,9 +1,12 @@
 """Multi-host: 2 processes x 4 CPU devices train exactly like 1 process x 8 devices, also as two slices."""
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -78,3 +81,32 @@ def test_two_processes_match_one_process(tmp_path):
     assert "'data': 2, 'fsdp': 4" in outs[0]
     for a, b in zip(one, _losses(tmp_path / "slices"), strict=True):
         assert b == pytest.approx(a, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
+    run = tmp_path / "run"
+
+    def two(steps, **kwargs):
+        address = f"127.0.0.1:{_free_port()}"
+        return [_launch(run, 4, [f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
+                                 f"--gin.TRAIN_STEPS={steps}", "--gin.checkpoint.CheckpointConfig.every_steps=1000"]) for i in range(2)]  # fmt: skip
+
+    procs = two(1000)
+    deadline = time.time() + 300
+    while not (os.path.exists(run / "metrics.jsonl") and len(_losses(run)) >= 3):  # training, not compiling
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "the run did not start"
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)  # a scheduler pre-empting one host
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    stops = [re.search(r"Pre-empted \(SIGTERM\) at step (\d+)", out) for out in outs]
+    assert all(stops), "\n".join(outs)
+    step = int(stops[0].group(1))
+    assert int(stops[1].group(1)) == step and 3 <= step < 1000
+    assert sorted(os.listdir(run / "checkpoints")) == [str(step)]
+
+    procs = two(step + 2)  # the relaunch resumes there and finishes
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
+    assert f"Resuming from checkpoint step {step}" in outs[0]
+    assert sorted(os.listdir(run / "checkpoints"), key=int)[-1] == str(step + 2)
