@@ -1,5 +1,6 @@
 """Multi-host: 2 processes x 4 CPU devices train exactly like 1 process x 8 devices, also as two slices."""
 
+import json
 import os
 import re
 import signal
@@ -81,6 +82,29 @@ def test_two_processes_match_one_process(tmp_path):
     assert "'data': 2, 'fsdp': 4" in outs[0]
     for a, b in zip(one, _losses(tmp_path / "slices"), strict=True):
         assert b == pytest.approx(a, rel=1e-5)
+
+    # Evaluation (generation and rank classification) of the trained run: the same numbers.
+    def evaluate(devices, extra=()):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        args = ["eval", "--gin_file=configs/runs/eval.gin", f"--gin.CHECKPOINT_PATH='{tmp_path / 'one'}'",
+                "--gin.MIXTURE_OR_TASK_NAME='quickstart_eval'", "--gin.evaluator.EvalConfig.num_examples=16",
+                "--gin.evaluator.EvalConfig.batch_size=8", *extra]  # fmt: skip
+        return subprocess.Popen([sys.executable, "-m", "flanjax.cli", *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    def results():
+        tasks = json.loads((tmp_path / "one" / "eval_results.json").read_text())["tasks"]
+        return {name: (task["metrics"], task["num_examples"]) for name, task in tasks.items()}
+
+    single = evaluate(8)
+    assert single.wait(timeout=600) == 0, single.communicate()[0]
+    expected = results()
+    (tmp_path / "one" / "eval_results.json").unlink()
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [evaluate(4, [f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"]) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
+    assert results() == expected and {"quickstart_larger_rank", "quickstart_sort"} <= set(expected)
 
 
 @pytest.mark.slow
