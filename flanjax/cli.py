@@ -15,6 +15,8 @@
     flanjax select --run runs/lima --prompts dev.jsonl --judge judge:runs/judge --min_step 50 --max_step 100
     flanjax compare --a runs/lima --b runs/sft --prompts test.jsonl --judge reward:runs/rm
     flanjax fisher --run runs/quickstart --task quickstart --num_examples 512 --inputs_length 48 --targets_length 16
+    flanjax launch tpu --name my-run --zone us-east5-a --project my-proj --accelerator v5p-32 --slices 2 --spot \\
+        -- --gin_file=configs/runs/sft.gin --gin.MODEL_DIR="'gs://bucket/run'"
 
 Configuration is gin, t5x style: `--gin_file` (repeatable; files `include` each other) and
 `--gin.KEY=VALUE` bindings applied after the files. The parsed config is written to
@@ -416,6 +418,14 @@ def cmd_fisher(args: argparse.Namespace, bindings: list[str]) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace, bindings: list[str]) -> int:
+    import launch
+
+    # main() took the --gin.KEY=VALUE arguments out as gin bindings: they are `flanjax train`'s, after the `--`.
+    gin_args = ["--gin." + binding.replace(" = ", "=", 1) for binding in bindings]
+    return launch.main([*args.argv, *(["--"] if gin_args and "--" not in args.argv else []), *gin_args])
+
+
 def cmd_world(args: argparse.Namespace, bindings: list[str]) -> int:
     from flanjax.worlds import experiences, mcts
     from flanjax.worlds.world import activities
@@ -726,6 +736,16 @@ def build_parser() -> argparse.ArgumentParser:
     fisher.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=2,fsdp=4 (default: data parallel)")
     fisher.add_argument("--module", action="append", default=list(TASK_MODULES), help="task module to import (repeatable)")
     fisher.set_defaults(run=cmd_fisher)
+
+    launch = commands.add_parser(
+        "launch",
+        help="run `flanjax train` on Cloud TPU (queued resources), GKE (xpk), SLURM or local processes",
+        description="flanjax launch BACKEND [OPTIONS] -- TRAIN_ARGS, BACKEND one of tpu, xpk, slurm, local; TRAIN_ARGS are "
+        "`flanjax train`'s, as for a local run. `flanjax launch BACKEND --help` lists a backend's options; --dry_run prints "
+        "every command it would run and runs none.",
+    )
+    launch.add_argument("argv", nargs=argparse.REMAINDER, metavar="BACKEND [OPTIONS] -- TRAIN_ARGS", help="handed to the launch package")
+    launch.set_defaults(run=cmd_launch)
 
     world = commands.add_parser("world", help="E2WM's world model: generate experiences (plans, stories), list activities")
     world_actions = world.add_subparsers(dest="action", metavar="ACTION", required=True)
