@@ -29,10 +29,12 @@ INSTALL_HINTS = {
 }
 
 
-def require_tool(name: str) -> None:
-    """Refuses to start without the engine's command-line tool."""
+def require_tool(name: str, dry_run: bool = False) -> None:
+    """Refuses to start without the engine's command-line tool (a dry run, which calls none, says so and goes on)."""
     if shutil.which(name) is None:
-        raise LaunchError(f"`{name}` is not on PATH: {INSTALL_HINTS[name]}.")
+        if not dry_run:
+            raise LaunchError(f"`{name}` is not on PATH: {INSTALL_HINTS[name]}.")
+        say(f"`{name}` is not on PATH here; the commands below need it: {INSTALL_HINTS[name]}.")
 
 
 def shell_line(argv: list[str], env: dict[str, str] | None = None) -> str:

@@ -81,7 +81,7 @@ def launch(args: argparse.Namespace, train_args: list[str], runner: Runner) -> i
         where = f"{args.nodes} nodes x {args.gpus_per_node} GPUs"
         train_args = [*train_args, *check_mesh(args.mesh, devices, where, processes=processes)]
     env = parse_env(args.env)
-    require_tool("sbatch")
+    require_tool("sbatch", runner.dry_run)
     chosen = (("partition", args.partition), ("account", args.account), ("time", args.time))
     options = [f"--{name}={value}" for name, value in chosen if value]
     script = sbatch_script(train_args, nodes=args.nodes, gpus_per_node=args.gpus_per_node, process_per=args.process_per,

@@ -252,7 +252,7 @@ def launch(args: argparse.Namespace, train_args: list[str], runner: Runner) -> i
     if args.mesh:
         train_args = [*train_args, *check_mesh(args.mesh, accelerator.chips * args.slices, where, slices=args.slices)]
     env = {"PYTHONUNBUFFERED": "1", **parse_env(args.env)}
-    require_tool("gcloud")
+    require_tool("gcloud", runner.dry_run)
     checkout = Checkout.find()
     checkout.require_clean(args.allow_dirty)
     qr = QueuedResource(args.name, zone, project, accelerator, args.slices, args.runtime_version, args.capacity)

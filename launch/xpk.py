@@ -72,7 +72,7 @@ def launch(args: argparse.Namespace, train_args: list[str], runner: Runner) -> i
     if args.mesh:
         train_args = [*train_args, *check_mesh(args.mesh, accelerator.chips * args.slices, where, slices=args.slices)]
     env = parse_env(args.env)
-    require_tool("xpk")
+    require_tool("xpk", runner.dry_run)
     if args.docker_image:
         image, install = [f"--docker-image={args.docker_image}"], False
     else:

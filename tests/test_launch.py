@@ -377,6 +377,13 @@ def test_missing_engine_says_how_to_install_it(cloud, monkeypatch, tmp_path, arg
         launch.main(argv)
 
 
+def test_a_dry_run_without_the_engine_prints_the_commands_and_says_what_they_need(monkeypatch, tmp_path, capfd):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert launch.main(["slurm", "--dry_run", "--script", str(tmp_path / "job.sbatch"), "--", "--gin_file=a.gin", "--gin.MODEL_DIR=/shared/r"]) == 0
+    out = capfd.readouterr()
+    assert "`sbatch` is not on PATH here; the commands below need it" in out.err + out.out and "sbatch" in out.out
+
+
 def test_zone_and_project_from_gclouds_environment_variables(cloud, monkeypatch, capfd):
     monkeypatch.setenv("CLOUDSDK_COMPUTE_ZONE", "europe-west4-a")
     monkeypatch.setenv("CLOUDSDK_CORE_PROJECT", "env-proj")
