@@ -59,12 +59,8 @@ def _split_gin_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _call_configured(args: argparse.Namespace, bindings: list[str], target, before=None):
-    """Joins a multi-process run if asked, parses the gin config and calls gin's version of
-    the function `target()` names (it may depend on the config)."""
-    if args.coordinator_address or args.multiprocess:
-        from flanjax.sharding import initialize_distributed
-
-        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    """Parses the gin config and calls gin's version of the function `target()` names (it may
+    depend on the config)."""
     import gin
 
     _import_modules(args.module)
@@ -245,6 +241,22 @@ def cmd_grow(args: argparse.Namespace, bindings: list[str]) -> int:
     return 0
 
 
+def _process_flags(command: argparse.ArgumentParser) -> None:
+    """The flags that make a command one process of a multi-host run (`main` joins it first)."""
+    command.add_argument("--coordinator_address", help="host:port of process 0, for multi-process runs")
+    command.add_argument("--num_processes", type=int, help="number of processes in a multi-process run")
+    command.add_argument("--process_id", type=int, help="this process's index in a multi-process run")
+    command.add_argument("--multiprocess", action="store_true", help="join a multi-process run the cluster describes (Cloud TPU, SLURM)")
+
+
+def _join(args: argparse.Namespace) -> None:
+    """Joins the multi-process run the flags describe, before any device is touched."""
+    if getattr(args, "coordinator_address", None) or getattr(args, "multiprocess", False):
+        from flanjax.sharding import initialize_distributed
+
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+
+
 def _mesh(spec: str | None):
     from flanjax.sharding import MeshConfig
 
@@ -272,6 +284,8 @@ def _import_modules(modules: list[str]) -> None:
 
 def cmd_label(args: argparse.Namespace, bindings: list[str]) -> int:
     from collections import Counter
+
+    import jax
 
     from flanjax.data.pipeline import get_task_or_mixture
     from flanjax.data.preferences import read_comparisons
@@ -305,13 +319,16 @@ def cmd_label(args: argparse.Namespace, bindings: list[str]) -> int:
         report = feedback.judge_report(judges[0][1], human)
         summary.update(judge=judges[0][0], **report)
         print(feedback.report_table(judges[0][0], report))
-    with open(os.path.splitext(args.out)[0] + ".summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
-    print(json.dumps(summary))
+    if jax.process_index() == 0:
+        with open(os.path.splitext(args.out)[0] + ".summary.json", "w") as f:
+            json.dump(summary, f, indent=2)
+        print(json.dumps(summary))
     return 0
 
 
 def cmd_sample(args: argparse.Namespace, bindings: list[str]) -> int:
+    import jax
+
     from flanjax.data.pipeline import task_prompts
     from flanjax.rlhf import sampling
     from flanjax.rlhf.reward import load_reward_model
@@ -346,7 +363,7 @@ def cmd_sample(args: argparse.Namespace, bindings: list[str]) -> int:
     else:
         responses = sampling.sample(args.policy, prompts, vocabulary, partitioner, num_samples=1, **shape)
         rows = [{"prompt": p, "response": r[0]} for p, r in zip(prompts, responses)]
-    for row in rows:
+    for row in rows if jax.process_index() == 0 else ():
         print(json.dumps(row))
     return 0
 
@@ -555,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model (SFT, reward model, PPO: the run file's TRAINER) from gin configs",
         description="Train a model from gin files; --gin.KEY=VALUE overrides any binding.",
     )
+    _process_flags(train)
     train.set_defaults(run=cmd_train)
     evaluate = commands.add_parser(
         "eval",
@@ -562,13 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint from gin files (e.g. configs/runs/eval.gin); writes "
         "eval_results.json, eval_results.md and TensorBoard scalars.",
     )
+    _process_flags(evaluate)
     evaluate.set_defaults(run=cmd_eval)
     for command in (train, evaluate):
         command.add_argument("--gin_file", action="append", default=[], required=True, help="gin config file (repeatable)")
-        command.add_argument("--coordinator_address", help="host:port of process 0, for multi-process runs")
-        command.add_argument("--num_processes", type=int, help="number of processes in a multi-process run")
-        command.add_argument("--process_id", type=int, help="this process's index in a multi-process run")
-        command.add_argument("--multiprocess", action="store_true", help="join a multi-process run the cluster describes (Cloud TPU, SLURM)")
         command.add_argument("--module", action="append", default=[], help="Python module to import first, e.g. one that registers your tasks (repeatable)")
     train.add_argument("--dry_run", action="store_true", help="parse the config, resolve the task, mesh and model, compile the step (memory report), print the operative config and exit")
 
@@ -614,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=1,fsdp=8 (default: fsdp over all devices)")
     convert.add_argument("--add_tokens", nargs="*", default=[], help="from-hf: special tokens to add (e.g. an end-of-turn token)")
     convert.add_argument("--allow_pickle", action="store_true", help="from-hf: read pytorch_model.bin (torch.load, weights_only=True)")
+    _process_flags(convert)
     convert.set_defaults(run=cmd_convert)
 
     grow = commands.add_parser(
@@ -633,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--noise", type=float, default=0.0, help="noise on duplicated units, summing to zero over copies (keeps the function)")
     grow.add_argument("--seed", type=int, default=0, help="seed of the noise")
     grow.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=1,fsdp=8 (default: fsdp over all devices)")
+    _process_flags(grow)
     grow.set_defaults(run=cmd_grow)
 
     label = commands.add_parser(
@@ -654,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--num_samples", type=int, default=4, help="responses per prompt (K)")
     label.add_argument("--compare_human", action="append", default=[], metavar="FILE.jsonl",
                        help="human comparisons to measure the judge's agreement with, without labelling with them (repeatable)")
+    _process_flags(label)
     label.set_defaults(run=cmd_label)
     sample = commands.add_parser(
         "sample",
@@ -672,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --best_of N: keep the sample with the highest log p(y|x) + lambda log p(x|y), both from "
                              "the policy (trained with configs/runs/bidirectional.gin) instead of a reward model")
     sample.add_argument("--rescore_lambda", type=float, default=1.0, help="lambda of --rescore (default 1)")
+    _process_flags(sample)
     sample.set_defaults(run=cmd_sample)
     for command in (label, sample):
         command.add_argument("--prompt_len", type=int, default=64, help="prompt tokens kept (the last ones)")
@@ -713,7 +732,9 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (chat, select, compare):
         _sampling_arguments(command, max_new_tokens=256, temperature=0.7, top_p=0.9, repetition_penalty=1.2)
     chat.set_defaults(run=cmd_chat)
+    _process_flags(select)
     select.set_defaults(run=cmd_select)
+    _process_flags(compare)
     compare.set_defaults(run=cmd_compare)
 
     fisher = commands.add_parser(
@@ -735,6 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     fisher.add_argument("--out", help="output directory (default RUN/fisher)")
     fisher.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=2,fsdp=4 (default: data parallel)")
     fisher.add_argument("--module", action="append", default=list(TASK_MODULES), help="task module to import (repeatable)")
+    _process_flags(fisher)
     fisher.set_defaults(run=cmd_fisher)
 
     launch = commands.add_parser(
@@ -819,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, bindings = _split_gin_args(argv)
         args = build_parser().parse_args(rest)
+        _join(args)
         return args.run(args, bindings)
     except (UsageError, ConfigError) as e:
         print(f"flanjax: error: {e}", file=sys.stderr)

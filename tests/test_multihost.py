@@ -106,6 +106,28 @@ def test_two_processes_match_one_process(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
     assert results() == expected and {"quickstart_larger_rank", "quickstart_sort"} <= set(expected)
 
+    # Labelling (sampling, then a rubric) and export to Hugging Face: the same files, written once.
+    def command(args, out, devices, extra=()):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        label = ["label", "--policy", str(tmp_path / "one"), "--task", "quickstart", "--labeler", "rubric:tasks.quickstart_rlhf:rubric",
+                 "--num_prompts", "16", "--num_samples", "2", "--max_new_tokens", "8", "--prompt_len", "32", "--out", str(out / "prefs.jsonl")]
+        to_hf = ["convert", "to-hf", "--in", str(tmp_path / "one"), "--out", str(out / "hf")]
+        return subprocess.Popen([sys.executable, "-m", "flanjax.cli", *(label if args == "label" else to_hf), *extra], cwd=REPO_ROOT,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    for what in ("label", "to-hf"):
+        single = command(what, tmp_path / "single", 8)
+        assert single.wait(timeout=600) == 0, single.communicate()[0]
+        address = f"127.0.0.1:{_free_port()}"
+        procs = [command(what, tmp_path / "double", 4, [f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"])
+                 for i in range(2)]  # fmt: skip
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
+    assert (tmp_path / "double" / "prefs.jsonl").read_text() == (tmp_path / "single" / "prefs.jsonl").read_text()
+    assert len((tmp_path / "single" / "prefs.jsonl").read_text().splitlines()) > 0
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "double" / "hf" / name).read_bytes() == (tmp_path / "single" / "hf" / name).read_bytes()
+
 
 @pytest.mark.slow
 def test_a_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from flanjax.data.pipeline import task_prompts
@@ -44,9 +45,10 @@ def label(policy: str, task: str, labeler: Labeler, out: str, partitioner: Parti
     responses = sample(policy, prompts, vocabulary, partitioner, num_samples=num_samples, sampling=sampling,
                        prompt_len=prompt_len, batch_size=batch_size, seed=seed)  # fmt: skip
     comparisons, sources, skipped = label_all(labeler, prompts, responses, references)
-    write_comparisons(out, comparisons)
-    with open(os.path.join(os.path.dirname(os.path.abspath(out)), TOKENIZER_FILE), "w") as f:
-        f.write(vocabulary.path)  # the token ids the reward model will see are the policy's
+    if jax.process_index() == 0:  # every process sampled and labelled the same: one writes
+        write_comparisons(out, comparisons)
+        with open(os.path.join(os.path.dirname(os.path.abspath(out)), TOKENIZER_FILE), "w") as f:
+            f.write(vocabulary.path)  # the token ids the reward model will see are the policy's
     console.print(f"Wrote {len(comparisons)} comparisons to {out} (by source: {dict(sources)}; {skipped} prompts without a preference)")
     return comparisons
 
