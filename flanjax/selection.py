@@ -32,6 +32,7 @@ import numpy as np
 from flanjax.chat import LIMA_SAMPLING, Policy
 from flanjax.data.dialogue import Message, read_conversations
 from flanjax.decode import SamplingConfig
+from flanjax import paths
 from flanjax.errors import FlanjaxError
 from flanjax.rlhf.feedback import JudgeLabeler, load_rubric
 from flanjax.rundir.checkpoint import Checkpointer
@@ -88,7 +89,7 @@ def select(run: str, prompts_file: str, judge_spec: str, partitioner: Partitione
            steps: tuple[int | None, int | None] = (None, None), seed: int = 0) -> dict:  # fmt: skip
     """Judges every checkpoint of `run` with a step in `steps` (inclusive bounds) on the prompts,
     records the best in RUN/selected.json and returns the table and choice."""
-    run_dir = os.path.abspath(run)
+    run_dir = paths.abspath(run)
     resolve_checkpoint(run_dir)  # a run with checkpoints
     lo, hi = steps
     candidates = [s for s in Checkpointer(run_dir, read_only=True).all_steps() if (lo is None or s >= lo) and (hi is None or s <= hi)]
@@ -106,8 +107,8 @@ def select(run: str, prompts_file: str, judge_spec: str, partitioner: Partitione
     scores = _judge_all(judge, conversations, references, [answers[s] for s in candidates])
     table = [{"step": s, "judge_score": float(scores[i]), "dev_perplexity": perplexities[s]} for i, s in enumerate(candidates)]
     best = candidates[int(np.argmax(scores))]  # the earliest of equals
-    result = {"run": run_dir, "selected_step": best, "judge": judge_spec, "prompts": os.path.abspath(prompts_file), "table": table}
-    with open(os.path.join(run_dir, SELECTED_FILE), "w") as f:
+    result = {"run": run_dir, "selected_step": best, "judge": judge_spec, "prompts": paths.abspath(prompts_file), "table": table}
+    with paths.open(os.path.join(run_dir, SELECTED_FILE), "w") as f:
         json.dump({"step": best, **result}, f, indent=2)
     return result
 
@@ -150,7 +151,7 @@ def compare(run_a: str, run_b: str, prompts_file: str, judge_spec: str, partitio
         outcomes[same] = 0.0
         agreement = float(agree[~same].mean()) if (~same).any() else None
     return {
-        "a": os.path.abspath(run_a), "b": os.path.abspath(run_b), "judge": judge_spec, "prompts": len(texts),
+        "a": paths.abspath(run_a), "b": paths.abspath(run_b), "judge": judge_spec, "prompts": len(texts),
         "wins": int((outcomes > 0).sum()), "ties": int((outcomes == 0).sum()), "losses": int((outcomes < 0).sum()),
         "order_agreement": agreement,
         "examples": [{"prompt": t, "a": x, "b": y, "outcome": ("loss", "tie", "win")[int(o) + 1]}

@@ -8,7 +8,7 @@ import sys
 import flanjax
 
 # Bottom to top: each package may import only those before it.
-LAYERS = ["quiet", "errors", "sharding", "worlds", "models", "decode", "data", "rundir", "chat", "eval", "train", "rlhf", "selection", "convert", "benchmark", "config", "cli"]
+LAYERS = ["quiet", "errors", "paths", "sharding", "worlds", "models", "decode", "data", "rundir", "chat", "eval", "train", "rlhf", "selection", "convert", "benchmark", "config", "cli"]
 
 
 def package_imports() -> dict[str, dict[str, str]]:

@@ -33,6 +33,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from flanjax import paths
 from flanjax.data.weighted import WEIGHT_UNIT, WeightedFeatureConverter
 from flanjax.decode import score_ids
 from flanjax.errors import FlanjaxError
@@ -174,8 +175,8 @@ DIRECTIONS_FILE = "directions.json"
 
 
 def write_directions(run_dir: str, directions: Directions) -> None:
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, DIRECTIONS_FILE), "w") as f:
+    paths.makedirs(run_dir)
+    with paths.open(os.path.join(run_dir, DIRECTIONS_FILE), "w") as f:
         json.dump({"l2r_token": directions.l2r_token, "r2l_token": directions.r2l_token}, f, indent=2)
 
 
@@ -190,7 +191,7 @@ def read_directions(run_dirs: Iterable[str]) -> Directions | None:
     """The direction tokens of the first of `run_dirs` (a run and its ancestors) that recorded them."""
     for run_dir in run_dirs:
         path = os.path.join(run_dir, DIRECTIONS_FILE)
-        if os.path.exists(path):
-            with open(path) as f:
+        if paths.exists(path):
+            with paths.open(path) as f:
                 return Directions(**json.load(f))
     return None

@@ -40,6 +40,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from flanjax import paths
 from flanjax.data.jsonl import read_jsonl
 from flanjax.data.vocab import HFVocabulary
 from flanjax.errors import FlanjaxError
@@ -448,8 +449,8 @@ FORMAT_FILE = "dialogue.json"
 
 
 def write_format(run_dir: str, fmt: DialogueFormat) -> None:
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, FORMAT_FILE), "w") as f:
+    paths.makedirs(run_dir)
+    with paths.open(os.path.join(run_dir, FORMAT_FILE), "w") as f:
         json.dump(dataclasses.asdict(fmt), f, indent=2)
 
 
@@ -457,7 +458,7 @@ def read_format(run_dirs: Iterable[str]) -> DialogueFormat | None:
     """The dialogue format of the first of `run_dirs` (a run and its ancestors) that recorded one."""
     for run_dir in run_dirs:
         path = os.path.join(run_dir, FORMAT_FILE)
-        if os.path.exists(path):
-            with open(path) as f:
+        if paths.exists(path):
+            with paths.open(path) as f:
                 return DialogueFormat(**json.load(f))
     return None

@@ -27,6 +27,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from flanjax import paths
 from flanjax.data.jsonl import read_jsonl
 from flanjax.data.pipeline import SeqioBatches, decoder_prompt_tf, get_task_or_mixture
 from flanjax.errors import FlanjaxError
@@ -103,20 +104,17 @@ def parse(record: Mapping, *, allow_ties: bool = True, where: str = "comparison"
 
 def read_comparisons(path: str, *, allow_ties: bool = True) -> Iterator[Comparison]:
     """The comparisons of a JSONL file, each validated; errors name the file and line."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise PreferenceDataError(f"preference file {path} does not exist; write one with `flanjax label`.")
     for where, record in read_jsonl(path, PreferenceDataError):
         yield parse(record, allow_ties=allow_ties, where=where)
 
 
 def write_comparisons(path: str, comparisons: Sequence[Comparison]) -> str:
-    """Writes atomically (a temporary file renamed), so a kill never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    staging = f"{path}.tmp"
-    with open(staging, "w") as f:
-        for c in comparisons:
-            f.write(json.dumps(c.to_json()) + "\n")
-    os.replace(staging, path)
+    """Writes atomically (locally a temporary file renamed; a remote object appears only whole),
+    so a kill never leaves half a file."""
+    paths.makedirs(os.path.dirname(paths.abspath(path)))
+    paths.write_atomic(path, "".join(json.dumps(c.to_json()) + "\n" for c in comparisons))
     return path
 
 

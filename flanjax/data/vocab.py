@@ -1,4 +1,5 @@
-"""A seqio `Vocabulary` backed by a Hugging Face tokenizer in a local directory.
+"""A seqio `Vocabulary` backed by a Hugging Face tokenizer in a directory (local, or remote such
+as gs://: Hugging Face reads only local files, so a remote one is read from a copy in the cache).
 
 seqio reserves id 0 for padding (its feature converters pad and mask with 0), so the
 tokenizer's id 0 must never be produced for real text: true of tokenizers whose id 0 is a
@@ -20,6 +21,7 @@ import seqio
 import tensorflow as tf
 import transformers
 
+from flanjax import paths
 from flanjax.errors import FlanjaxError
 
 
@@ -46,13 +48,13 @@ class HFVocabulary(seqio.Vocabulary):
     @functools.cached_property
     def tokenizer(self) -> transformers.PreTrainedTokenizerBase:
         path = self.path
-        if not os.path.isdir(path):
+        if not paths.isdir(path):
             raise TokenizerNotFoundError(
-                f"tokenizer directory {path!r} does not exist. Point the vocabulary at a local "
+                f"tokenizer directory {path!r} does not exist. Point the vocabulary at a local (or gs://) "
                 "directory containing tokenizer.json / tokenizer_config.json (for a Hub model, "
                 "download it first with `hf download MODEL --local-dir DIR`)."
             )
-        tok = transformers.AutoTokenizer.from_pretrained(path)
+        tok = transformers.AutoTokenizer.from_pretrained(paths.local_copy(path))
         if tok.eos_token_id is None:
             raise ValueError(f"tokenizer in {path!r} defines no EOS token; seqio needs one.")
         return tok
@@ -141,7 +143,7 @@ def cached_tokenizer(name: str, corpus: Sequence[str], vocab_size: int, **kwargs
     """Directory of a `train_tokenizer(corpus, vocab_size, **kwargs)`, trained on first use
     under $FLANJAX_CACHE (default ~/.cache/flanjax), atomically and process-safely. Keyed by
     the corpus: editing a task's text retrains the tokenizer instead of reusing a stale one."""
-    cache = os.environ.get("FLANJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flanjax"))
+    cache = paths.cache_dir()
     key = hashlib.sha1((chr(0).join(corpus) + repr((vocab_size, sorted(kwargs.items())))).encode()).hexdigest()[:12]
     path = os.path.join(cache, f"{name}_{key}")
     if os.path.isdir(path):

@@ -1,4 +1,4 @@
-"""Evaluation results on disk: `eval_results.json` and `eval_results.md` in the run directory."""
+"""Evaluation results on disk: `eval_results.json` and `eval_results.md` in the run directory (local or remote)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import jax
 
+from flanjax import paths
 from flanjax.eval.evaluator import TaskResult
 
 
@@ -27,15 +28,12 @@ def write_results(results: Mapping[str, TaskResult], output_dir: str, step: int,
     path = os.path.join(output_dir, "eval_results.json")
     if jax.process_index() != 0:
         return path
-    os.makedirs(output_dir, exist_ok=True)
+    paths.makedirs(output_dir)
     document = {
         "step": step,
         "checkpoint": checkpoint,
         "tasks": {task: {"metrics": r.metrics, "num_examples": r.num_examples} for task, r in sorted(results.items())},
     }
     for name, text in (("eval_results.json", json.dumps(document, indent=2) + "\n"), ("eval_results.md", markdown_table(results, step))):
-        staging = os.path.join(output_dir, f".{name}.tmp")
-        with open(staging, "w") as f:
-            f.write(text)
-        os.replace(staging, os.path.join(output_dir, name))  # readers never see half a file
+        paths.write_atomic(os.path.join(output_dir, name), text)  # readers never see half a file
     return path

@@ -30,6 +30,7 @@ import safetensors.numpy
 from flax import nnx
 from flax.nnx.nn import dtypes
 
+from flanjax import paths
 from flanjax.errors import FlanjaxError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -304,18 +305,22 @@ def save_adapters(model: nnx.Module, directory: str, config: LoraConfig) -> None
     tensors = {name: np.asarray(jax.device_get(v[...]), np.float32) for name, v in _flat_adapters(model).items()}
     if not tensors:
         raise LoraError("the model has no LoRA adapters to save; call apply_lora first.")
-    os.makedirs(directory, exist_ok=True)
-    safetensors.numpy.save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS))
-    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+    paths.makedirs(directory)
+    weights = os.path.join(directory, ADAPTER_WEIGHTS)
+    if paths.is_remote(weights):  # safetensors writes only local files
+        paths.write_atomic(weights, safetensors.numpy.save(tensors))
+    else:
+        safetensors.numpy.save_file(tensors, weights)
+    with paths.open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
         json.dump(dataclasses.asdict(config), f, indent=2)
 
 
 def read_adapter_config(directory: str) -> LoraConfig:
     """The LoraConfig saved beside the adapters: build the wrapped model with it."""
     path = os.path.join(directory, ADAPTER_CONFIG)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise AdapterNotFoundError(f"no {ADAPTER_CONFIG} in {directory}; is it a save_adapters directory?")
-    with open(path) as f:
+    with paths.open(path) as f:
         return LoraConfig(**json.load(f))
 
 
@@ -323,7 +328,7 @@ def load_adapters(model: nnx.Module, directory: str) -> LoraConfig:
     """Loads saved adapters into a model already wrapped by `apply_lora`; returns their config."""
     config = read_adapter_config(directory)
     path = os.path.join(directory, ADAPTER_WEIGHTS)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise AdapterNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}; is it a save_adapters directory?")
     for name, m in _require_lora(model):
         if (m.rank, m.alpha) != (config.rank, config.alpha):
@@ -332,7 +337,7 @@ def load_adapters(model: nnx.Module, directory: str) -> LoraConfig:
                 f"trained with rank {config.rank}, alpha {config.alpha}; wrap the model with "
                 "read_adapter_config(directory)."
             )
-    tensors = safetensors.numpy.load_file(path)
+    tensors = safetensors.numpy.load(paths.read_bytes(path)) if paths.is_remote(path) else safetensors.numpy.load_file(path)
     variables = _flat_adapters(model)
     missing, extra = sorted(variables.keys() - tensors.keys()), sorted(tensors.keys() - variables.keys())
     if missing or extra:

@@ -20,6 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from flanjax import paths
 from flanjax.errors import FlanjaxError
 from flanjax.models import stacking
 from flanjax.sharding import filled
@@ -63,7 +64,7 @@ class Checkpointer:
     def __init__(self, model_dir: str, config: CheckpointConfig = CheckpointConfig(), read_only: bool = False):
         """`read_only` (evaluation): never creates, deletes or cleans up anything, so it is safe
         beside a run that is still training and saving."""
-        self.directory = os.path.abspath(os.path.join(model_dir, "checkpoints"))
+        self.directory = paths.abspath(os.path.join(model_dir, "checkpoints"))  # Orbax reads gs:// itself
         self.config = config
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -100,7 +101,7 @@ class Checkpointer:
         )
 
     def format_version(self, step: int) -> int:
-        if not os.path.isdir(os.path.join(self.directory, str(step), "meta")):
+        if not paths.isdir(os.path.join(self.directory, str(step), "meta")):
             return 1  # written before the version was recorded
         return int(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]["format_version"])
 

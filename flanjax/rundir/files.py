@@ -13,9 +13,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 
 from flax import nnx
 
+from flanjax import paths
 from flanjax.data.vocab import HFVocabulary
 from flanjax.errors import FlanjaxError
 from flanjax.models.lora import LoraConfig
@@ -35,34 +37,41 @@ class TokenizerMismatchError(FlanjaxError, ValueError):
 
 
 def write_model_config(model_dir: str, model: TransformerConfig, lora: LoraConfig | None = None) -> None:
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, MODEL_FILE), "w") as f:
+    paths.makedirs(model_dir)
+    with paths.open(os.path.join(model_dir, MODEL_FILE), "w") as f:
         json.dump(dataclasses.asdict(model), f, indent=2)
     if lora is not None:
-        with open(os.path.join(model_dir, LORA_FILE), "w") as f:
+        with paths.open(os.path.join(model_dir, LORA_FILE), "w") as f:
             json.dump(dataclasses.asdict(lora), f, indent=2)
 
 
 def write_init_checkpoint(model_dir: str, origin_run_dir: str) -> None:
     """Records the run whose weights started this one (`flanjax convert to-hf` follows it)."""
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, INIT_FILE), "w") as f:
+    paths.makedirs(model_dir)
+    with paths.open(os.path.join(model_dir, INIT_FILE), "w") as f:
         f.write(origin_run_dir)
 
 
 def read_init_checkpoint(run_dir: str) -> str | None:
     path = os.path.join(run_dir, INIT_FILE)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return None
-    with open(path) as f:
+    with paths.open(path) as f:
         return f.read().strip()
 
 
 def write_tokenizer(run_dir: str, vocabulary) -> None:
-    """Records the tokenizer of the run's data (once: `check_tokenizer` guards a resumed run)."""
+    """Records the tokenizer of the run's data (once: `check_tokenizer` guards a resumed run).
+    Hugging Face writes only local files: a remote run directory gets a local save, copied up."""
     path = os.path.join(run_dir, TOKENIZER_DIR)
-    if isinstance(vocabulary, HFVocabulary) and not os.path.isdir(path):
+    if not isinstance(vocabulary, HFVocabulary) or paths.isdir(path):
+        return
+    if not paths.is_remote(path):
         vocabulary.tokenizer.save_pretrained(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="flanjax-tokenizer-") as local:
+        vocabulary.tokenizer.save_pretrained(local)
+        paths.copytree(local, path)
 
 
 def lineage(run_dir: str):
@@ -78,7 +87,7 @@ def run_vocabulary(run_dir: str) -> HFVocabulary | None:
     """The tokenizer a run recorded; for a run without one (an older run), that of the nearest
     run its weights descend from that recorded one."""
     for ancestor in lineage(run_dir):
-        if os.path.isdir(os.path.join(ancestor, TOKENIZER_DIR)):
+        if paths.isdir(os.path.join(ancestor, TOKENIZER_DIR)):
             return HFVocabulary(os.path.join(ancestor, TOKENIZER_DIR))
     return None
 
@@ -101,33 +110,33 @@ def check_tokenizer(run_dir: str, vocabulary, data: str) -> None:
 def read_lora_config(run_dir: str) -> LoraConfig | None:
     """The run's LoRA adapters (lora.json), if it trained any."""
     path = os.path.join(run_dir, LORA_FILE)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return None
-    with open(path) as f:
+    with paths.open(path) as f:
         return LoraConfig(**json.load(f))
 
 
 def read_model_config(run_dir: str) -> TransformerConfig:
     path = os.path.join(run_dir, MODEL_FILE)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise CheckpointNotFoundError(
             f"{path} not found, so the model's shape is unknown: include the model's gin file "
             "(e.g. --gin_file=configs/models/small.gin) to say which model the checkpoint holds."
         )
-    with open(path) as f:
+    with paths.open(path) as f:
         return TransformerConfig(**json.load(f))
 
 
 def resolve_checkpoint(path: str) -> tuple[str, int]:
     """(run directory, step) from a run directory (the step `flanjax select` chose, else its
     latest checkpoint) or a step directory (`<run>/checkpoints/<step>`)."""
-    path = os.path.abspath(path)
+    path = paths.abspath(path).rstrip("/")
     if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
         run_dir, step = os.path.dirname(os.path.dirname(path)), int(os.path.basename(path))
-        if not os.path.isdir(path):
+        if not paths.isdir(path):
             raise CheckpointNotFoundError(f"checkpoint {path} does not exist.")
         return run_dir, step
-    if not os.path.isdir(os.path.join(path, "checkpoints")):
+    if not paths.isdir(os.path.join(path, "checkpoints")):
         raise CheckpointNotFoundError(
             f"no checkpoints in {path}: give a training run directory (it holds checkpoints/) or "
             "one step of it (RUN/checkpoints/STEP)."
@@ -144,9 +153,9 @@ def resolve_checkpoint(path: str) -> tuple[str, int]:
 
 def read_selected_step(run_dir: str) -> int | None:
     path = os.path.join(run_dir, SELECTED_FILE)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return None
-    with open(path) as f:
+    with paths.open(path) as f:
         return int(json.load(f)["step"])
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import time
 from collections.abc import Iterable, Mapping
 
 import jax
 from clu.metric_writers.tf.summary_writer import SummaryWriter
 from rich.console import Console
+
+from flanjax import paths
 
 # soft_wrap: a line is never broken at the console width, so logs and the printed resume
 # command stay whole when stderr is a file or a pipe (where rich assumes 80 columns). There a
@@ -19,15 +23,21 @@ console = Console(stderr=True, highlight=False, soft_wrap=True, width=None if os
 class MetricsLog:
     """Scalars per step to `metrics.jsonl` (one JSON object a line) and TensorBoard.
 
-    Only process 0 writes; the others accept and drop, so callers need not check.
+    Only process 0 writes; the others accept and drop, so callers need not check. A local file
+    is line-buffered. A remote one (gs://) is opened in gfile's append mode, which on GCS
+    downloads the object and re-uploads it whole on each flush: it is flushed at most every
+    `REMOTE_FLUSH_S` seconds, and on `flush`/`close`. TensorBoard's writer reaches gs:// itself.
     """
+
+    REMOTE_FLUSH_S = 60.0
 
     def __init__(self, model_dir: str):
         self.path = os.path.join(model_dir, "metrics.jsonl")
         self._enabled = jax.process_index() == 0
         if self._enabled:
-            os.makedirs(model_dir, exist_ok=True)
-            self._file = open(self.path, "a", buffering=1)
+            paths.makedirs(model_dir)
+            self._file = paths.open(self.path, "a", buffering=1)
+            self._remote, self._flushed = paths.is_remote(self.path), time.monotonic()
             self._tb = SummaryWriter(os.path.join(model_dir, "tensorboard"))
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -36,11 +46,15 @@ class MetricsLog:
         clean = {k: float(v) for k, v in scalars.items()}
         self._file.write(json.dumps({"step": int(step), **clean}) + "\n")
         self._tb.write_scalars(int(step), clean)
+        if self._remote and time.monotonic() - self._flushed >= self.REMOTE_FLUSH_S:
+            self._file.flush()  # a run killed without `close` loses at most this long of metrics
+            self._flushed = time.monotonic()
 
     def flush(self) -> None:
         if self._enabled:
             self._file.flush()
             self._tb.flush()
+            self._flushed = time.monotonic()
 
     def close(self) -> None:
         if self._enabled:
@@ -49,13 +63,13 @@ class MetricsLog:
 
 
 def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
+    with paths.open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
 def latest_metrics(path: str) -> dict[str, float]:
     """Each metric's last logged value (a run's summary)."""
-    return {k: v for row in read_metrics(path) for k, v in row.items() if k != "step"} if os.path.exists(path) else {}
+    return {k: v for row in read_metrics(path) for k, v in row.items() if k != "step"} if paths.exists(path) else {}
 
 
 def plot_metrics(
@@ -63,10 +77,16 @@ def plot_metrics(
     log_scale: bool = True, ylabel: str = "", hlines: Mapping[str, float] | None = None,
 ) -> str:
     """Plot of `keys` against step from a metrics.jsonl, with horizontal reference lines
-    `hlines` (label -> y); returns the PNG path."""
-    title = title or os.path.basename(os.path.dirname(os.path.abspath(metrics_path)))
+    `hlines` (label -> y); returns the PNG path (local or remote: matplotlib writes only local
+    files, so a remote PNG is rendered in memory and uploaded)."""
+    title = title or os.path.basename(os.path.dirname(paths.abspath(metrics_path)))
     fig = _figure(read_metrics(metrics_path), tuple(keys), title, log_scale, ylabel, hlines or {})
-    fig.savefig(png_path)
+    if not paths.is_remote(png_path):
+        fig.savefig(png_path)
+        return png_path
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    paths.write_atomic(png_path, png.getvalue())
     return png_path
 
 

@@ -42,6 +42,7 @@ import optax
 import safetensors.numpy
 from flax import nnx
 
+from flanjax import paths
 from flanjax.errors import FlanjaxError
 from flanjax.models.lora import ADAPTABLE, LoRA, LoraConfig, lora_modules, weight_name
 from flanjax.models.transformer import TransformerConfig, new_model
@@ -265,7 +266,7 @@ def compute_fisher(
     if jax.process_index() == 0:
         save_fisher(out, tensors, info)
     console.print(f"Wrote the Fisher of {len(tensors)} kernels ({n} examples of {task}, {split} split) to {out}")
-    return {"examples": n, "examples_per_s": n / seconds, "path": os.path.abspath(out)}
+    return {"examples": n, "examples_per_s": n / seconds, "path": paths.abspath(out)}
 
 
 def _examples(source, n: int) -> list[dict[str, np.ndarray]]:
@@ -291,23 +292,26 @@ def _padded(x: np.ndarray, size: int) -> np.ndarray:
 
 def save_fisher(directory: str, tensors: Mapping[str, np.ndarray], info: Mapping) -> None:
     """Writes fisher.safetensors, then fisher.json (each through a temporary file and a rename):
-    a directory with the JSON holds a whole Fisher."""
-    os.makedirs(directory, exist_ok=True)
+    a directory with the JSON holds a whole Fisher. Remotely each file is one upload (a GCS object
+    appears only whole), the JSON still last."""
+    paths.makedirs(directory)
     json_path = os.path.join(directory, FISHER_INFO)
-    if os.path.exists(json_path):
-        os.remove(json_path)  # the old JSON must not vouch for new, half-written weights
+    if paths.exists(json_path):
+        paths.remove(json_path)  # the old JSON must not vouch for new, half-written weights
     weights = os.path.join(directory, FISHER_WEIGHTS)
-    safetensors.numpy.save_file({k: np.asarray(v, np.float32) for k, v in tensors.items()}, weights + ".tmp")
-    os.replace(weights + ".tmp", weights)
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(dict(info), f, indent=2)
-    os.replace(json_path + ".tmp", json_path)
+    arrays = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+    if paths.is_remote(weights):  # safetensors writes only local files
+        paths.write_atomic(weights, safetensors.numpy.save(arrays))
+    else:
+        safetensors.numpy.save_file(arrays, weights + ".tmp")
+        os.replace(weights + ".tmp", weights)
+    paths.write_atomic(json_path, json.dumps(dict(info), indent=2))
 
 
 def fisher_directory(path: str) -> str:
     """The Fisher directory `path` names: itself, or a run directory's fisher/."""
     for directory in (path, os.path.join(path, FISHER_DIR)):
-        if os.path.exists(os.path.join(directory, FISHER_INFO)) and os.path.exists(os.path.join(directory, FISHER_WEIGHTS)):
+        if paths.exists(os.path.join(directory, FISHER_INFO)) and paths.exists(os.path.join(directory, FISHER_WEIGHTS)):
             return directory
     raise FisherNotFoundError(
         f"no Fisher in {path} ({FISHER_INFO} and {FISHER_WEIGHTS}, or a run's {FISHER_DIR}/ holding them): "
@@ -317,14 +321,16 @@ def fisher_directory(path: str) -> str:
 
 
 def read_fisher_info(path: str) -> dict:
-    with open(os.path.join(fisher_directory(path), FISHER_INFO)) as f:
+    with paths.open(os.path.join(fisher_directory(path), FISHER_INFO)) as f:
         return json.load(f)
 
 
 def read_fisher(path: str) -> tuple[dict[str, np.ndarray], dict]:
     """(tensors by name, info) of a Fisher directory (or of the run directory holding one)."""
     directory = fisher_directory(path)
-    return safetensors.numpy.load_file(os.path.join(directory, FISHER_WEIGHTS)), read_fisher_info(directory)
+    weights = os.path.join(directory, FISHER_WEIGHTS)
+    tensors = safetensors.numpy.load(paths.read_bytes(weights)) if paths.is_remote(weights) else safetensors.numpy.load_file(weights)
+    return tensors, read_fisher_info(directory)
 
 
 def check_fisher(tensors: Mapping[str, np.ndarray], info: Mapping, model: nnx.Module, where: str) -> list[np.ndarray]:
@@ -362,7 +368,7 @@ def read_checked_fisher(path: str, model: nnx.Module, origin: tuple[str, int] | 
     weights the adapters start from."""
     tensors, info = read_fisher(path)
     checked = check_fisher(tensors, info, model, fisher_directory(path))
-    if origin is not None and (os.path.abspath(info.get("run", "")), info.get("step")) != (os.path.abspath(origin[0]), origin[1]):
+    if origin is not None and (paths.abspath(info.get("run", "")), info.get("step")) != (paths.abspath(origin[0]), origin[1]):
         from flanjax.rundir.metrics import console
 
         console.print(f"[yellow]Warning:[/] the Fisher in {fisher_directory(path)} was computed at {info.get('run')} step "
