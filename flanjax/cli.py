@@ -31,6 +31,7 @@ import json
 import os
 import sys
 
+from flanjax import paths
 from flanjax.config import ConfigError, check_bindings, gin_binding, parse_gin
 
 
@@ -151,8 +152,8 @@ def _write(model_dir: str, name: str, text: str) -> None:
     import jax
 
     if jax.process_index() == 0:
-        os.makedirs(model_dir, exist_ok=True)
-        with open(os.path.join(model_dir, name), "w") as f:
+        paths.makedirs(model_dir)
+        with paths.open(os.path.join(model_dir, name), "w") as f:
             f.write(text)
 
 
@@ -320,7 +321,7 @@ def cmd_label(args: argparse.Namespace, bindings: list[str]) -> int:
         summary.update(judge=judges[0][0], **report)
         print(feedback.report_table(judges[0][0], report))
     if jax.process_index() == 0:
-        with open(os.path.splitext(args.out)[0] + ".summary.json", "w") as f:
+        with paths.open(os.path.splitext(args.out)[0] + ".summary.json", "w") as f:
             json.dump(summary, f, indent=2)
         print(json.dumps(summary))
     return 0

@@ -23,6 +23,7 @@ from flanjax.data.dialogue import eot_id, read_format
 from flanjax.rundir.files import check_tokenizer, lineage, read_lora_config, read_model_config, resolve_checkpoint, run_vocabulary
 from flanjax.rundir.metrics import MetricsLog, console
 from flanjax.sharding import MeshConfig, Partitioner
+from flanjax import paths
 
 
 def run_tokenizer(checkpoint_path: str, tokenizer: str | None = None) -> str | None:
@@ -65,7 +66,7 @@ def evaluate(
 
     output_dir = output_dir or run_dir
     previous = os.path.join(output_dir, "eval_results.json")
-    if os.path.exists(previous):  # e.g. the training run's own evaluation: say what is replaced
+    if paths.exists(previous):  # e.g. the training run's own evaluation: say what is replaced
         console.print(f"Replacing {previous} and eval_results.md (set EVAL_OUTPUT_DIR to write elsewhere)")
     write_results(results, output_dir, step, checkpoint=os.path.join(run_dir, "checkpoints", str(step)))
     log = MetricsLog(output_dir)

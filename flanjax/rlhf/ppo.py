@@ -59,6 +59,7 @@ from flanjax.train.losses import lm_loss
 from flanjax.train.optim import OptimizerConfig, make_optimizer, make_schedule
 from flanjax.train.steps import gradients
 from flanjax.train.trainer import Plot, compile_ahead
+from flanjax import paths
 
 
 class PPOConfigError(FlanjaxError, ValueError):
@@ -596,6 +597,6 @@ def train_ppo(
                Plot("beta.png", ("beta",), False, ylabel="KL coefficient β")),
     ))  # fmt: skip
     if jax.process_index() == 0:
-        with open(os.path.join(model_dir, "ppo.json"), "w") as f:
-            json.dump({"reward_checkpoint": os.path.abspath(reward_checkpoint), "kl_target": kl.target}, f, indent=2)
+        with paths.open(os.path.join(model_dir, "ppo.json"), "w") as f:
+            json.dump({"reward_checkpoint": paths.abspath(reward_checkpoint), "kl_target": kl.target}, f, indent=2)
     return result

@@ -43,6 +43,7 @@ from flanjax.train import trainer
 from flanjax.train.loop import LoopConfig, LoopResult
 from flanjax.train.optim import OptimizerConfig, make_optimizer, make_schedule
 from flanjax.train.steps import TrainState, make_eval_step, make_train_step
+from flanjax import paths
 
 REWARD_FILE = "reward.json"  # normalisation and tokenizer of a trained reward model
 TOKENIZER_FILE = "tokenizer.txt"  # beside preference files: the tokenizer directory of the policy sampled
@@ -143,8 +144,8 @@ def load_reward_model(checkpoint_path: str, partitioner: Partitioner, vocabulary
     run_dir, step = resolve_checkpoint(checkpoint_path)
     path = os.path.join(run_dir, REWARD_FILE)
     stats = {}
-    if os.path.exists(path):
-        with open(path) as f:
+    if paths.exists(path):
+        with paths.open(path) as f:
             stats = json.load(f)
     if "shift" not in stats or "scale" not in stats:
         raise RewardModelError(
@@ -183,14 +184,14 @@ def preference_task(preferences: str, allow_ties: bool = False) -> str:
     label` writes them) as a seqio task; returns its name. Tokenized with the tokenizer named in
     its tokenizer.txt, else the default one (gin's TOKENIZER, $FLANJAX_TOKENIZER)."""
     vocabulary = DEFAULT_VOCABULARY
-    if os.path.exists(os.path.join(preferences, TOKENIZER_FILE)):
-        with open(os.path.join(preferences, TOKENIZER_FILE)) as f:
+    if paths.exists(os.path.join(preferences, TOKENIZER_FILE)):
+        with paths.open(os.path.join(preferences, TOKENIZER_FILE)) as f:
             vocabulary = HFVocabulary(f.read().strip())
     files = {s: os.path.join(preferences, f"{s}.jsonl") for s in ("train", "validation")}
-    files = {s: p for s, p in files.items() if os.path.exists(p)}
+    files = {s: p for s, p in files.items() if paths.exists(p)}
     if "train" not in files:
         raise RewardModelError(f"{preferences} has no train.jsonl; write preferences with `flanjax label`.")
-    name = "preferences_" + "".join(c if c.isalnum() else "_" for c in os.path.abspath(preferences))[-60:]
+    name = "preferences_" + "".join(c if c.isalnum() else "_" for c in paths.abspath(preferences))[-60:]
     add_preference_task(name, files, vocabulary, allow_ties=allow_ties)
     return name
 
@@ -248,12 +249,12 @@ def train_reward(
     ))  # fmt: skip
     if result.preempted:  # normalised when the rerun finishes
         return result
-    if result.start_step == result.step and os.path.exists(os.path.join(model_dir, REWARD_FILE)):
+    if result.start_step == result.step and paths.exists(os.path.join(model_dir, REWARD_FILE)):
         return result  # a finished run, normalised already
 
     stats = _normalisation(result, name, init_checkpoint, vocabulary, partitioner, normalisation, prompt_len, response_len, seed)
     if jax.process_index() == 0:
-        with open(os.path.join(model_dir, REWARD_FILE), "w") as f:
+        with paths.open(os.path.join(model_dir, REWARD_FILE), "w") as f:
             json.dump(stats, f, indent=2)
     console.print(f"Reward normalised on {stats['num_samples']} reference samples: shift {stats['shift']:.4g}, scale {stats['scale']:.4g}")
     return result

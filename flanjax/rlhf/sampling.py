@@ -24,6 +24,7 @@ from flanjax.rlhf.feedback import Labeler, label_all
 from flanjax.rlhf.reward import TOKENIZER_FILE, RewardModel
 from flanjax.rundir.metrics import console
 from flanjax.sharding import Partitioner
+from flanjax import paths
 
 
 def sample(policy: str | Policy, prompts: Sequence[str], vocabulary, partitioner: Partitioner, *, num_samples: int,
@@ -47,7 +48,7 @@ def label(policy: str, task: str, labeler: Labeler, out: str, partitioner: Parti
     comparisons, sources, skipped = label_all(labeler, prompts, responses, references)
     if jax.process_index() == 0:  # every process sampled and labelled the same: one writes
         write_comparisons(out, comparisons)
-        with open(os.path.join(os.path.dirname(os.path.abspath(out)), TOKENIZER_FILE), "w") as f:
+        with paths.open(os.path.join(os.path.dirname(paths.abspath(out)), TOKENIZER_FILE), "w") as f:
             f.write(vocabulary.path)  # the token ids the reward model will see are the policy's
     console.print(f"Wrote {len(comparisons)} comparisons to {out} (by source: {dict(sources)}; {skipped} prompts without a preference)")
     return comparisons

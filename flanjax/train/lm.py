@@ -36,6 +36,7 @@ from flanjax.train.loop import LoopConfig, LoopResult
 from flanjax.train.losses import lm_loss
 from flanjax.train.optim import OptimizerConfig, make_optimizer, make_schedule
 from flanjax.train.steps import lm_init, make_eval_step, make_train_step
+from flanjax import paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +145,7 @@ def train(
     if evaluations:
         last = max(evaluations)
         checkpoint_dir = os.path.join(model_dir, "checkpoints", str(last))
-        write_results(evaluations[last], model_dir, last, checkpoint=os.path.abspath(checkpoint_dir))
+        write_results(evaluations[last], model_dir, last, checkpoint=paths.abspath(checkpoint_dir))
     if jax.process_index() == 0:
         _print_eval_table(result)
     return result
