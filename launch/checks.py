@@ -165,3 +165,19 @@ def cloud_location(zone: str | None, project: str | None) -> tuple[str, str]:
                               f"default is not used, so a stale one cannot send the job elsewhere; `{flag} $(gcloud config get-value "
                               f"{key})` takes it on purpose.")  # fmt: skip
     return zone, project
+
+
+def check_tpu_job(args, train_args: list[str], name: str, flag: str) -> tuple[Accelerator, str, str, list[str], dict[str, str]]:
+    """What a TPU job (queued resources or xpk) checks before anything is created; returns the
+    accelerator, zone, project, the train arguments (with the checked mesh) and the environment."""
+    check_name(name, flag)
+    accelerator = parse_accelerator(args.accelerator)
+    if args.slices < 1 or args.max_restarts < 0:
+        raise LaunchError("--slices must be at least 1 and --max_restarts at least 0.")
+    zone, project = cloud_location(args.zone, args.project)
+    check_train_args(train_args)
+    where = f"{args.slices} x {accelerator.type} ({accelerator.chips * args.slices} chips)"
+    require_gcs_run_dir(train_args, where)
+    if args.mesh:
+        train_args = [*train_args, *check_mesh(args.mesh, accelerator.chips * args.slices, where, slices=args.slices)]
+    return accelerator, zone, project, train_args, parse_env(args.env)

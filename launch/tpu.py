@@ -24,8 +24,7 @@ import dataclasses
 import shlex
 import time
 
-from launch.checks import (Accelerator, check_mesh, check_name, check_train_args, cloud_location, parse_accelerator, parse_env,
-                           require_gcs_run_dir)  # fmt: skip
+from launch.checks import Accelerator, check_tpu_job
 from launch.runner import LaunchError, Runner, require_tool, say, shell_line
 from launch.source import Checkout
 
@@ -241,17 +240,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def launch(args: argparse.Namespace, train_args: list[str], runner: Runner) -> int:
-    check_name(args.name, "--name")
-    accelerator = parse_accelerator(args.accelerator)
-    if args.slices < 1 or args.max_restarts < 0:
-        raise LaunchError("--slices must be at least 1 and --max_restarts at least 0.")
-    zone, project = cloud_location(args.zone, args.project)
-    check_train_args(train_args)
-    where = f"{args.slices} x {accelerator.type} ({accelerator.chips * args.slices} chips)"
-    require_gcs_run_dir(train_args, where)
-    if args.mesh:
-        train_args = [*train_args, *check_mesh(args.mesh, accelerator.chips * args.slices, where, slices=args.slices)]
-    env = {"PYTHONUNBUFFERED": "1", **parse_env(args.env)}
+    accelerator, zone, project, train_args, env = check_tpu_job(args, train_args, args.name, "--name")
+    env = {"PYTHONUNBUFFERED": "1", **env}
     require_tool("gcloud", runner.dry_run)
     checkout = Checkout.find()
     checkout.require_clean(args.allow_dirty)

@@ -15,7 +15,7 @@ import os
 import shlex
 import tempfile
 
-from launch.checks import check_mesh, check_name, check_train_args, cloud_location, parse_accelerator, parse_env, require_gcs_run_dir
+from launch.checks import check_tpu_job
 from launch.runner import LaunchError, Runner, require_tool, say, shell_line
 from launch.source import Checkout
 
@@ -61,17 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def launch(args: argparse.Namespace, train_args: list[str], runner: Runner) -> int:
-    check_name(args.workload, "--workload")
-    accelerator = parse_accelerator(args.accelerator)
-    if args.slices < 1 or args.max_restarts < 0:
-        raise LaunchError("--slices must be at least 1 and --max_restarts at least 0.")
-    zone, project = cloud_location(args.zone, args.project)
-    check_train_args(train_args)
-    where = f"{args.slices} x {accelerator.type} ({accelerator.chips * args.slices} chips)"
-    require_gcs_run_dir(train_args, where)
-    if args.mesh:
-        train_args = [*train_args, *check_mesh(args.mesh, accelerator.chips * args.slices, where, slices=args.slices)]
-    env = parse_env(args.env)
+    accelerator, zone, project, train_args, env = check_tpu_job(args, train_args, args.workload, "--workload")
     require_tool("xpk", runner.dry_run)
     if args.docker_image:
         image, install = [f"--docker-image={args.docker_image}"], False
