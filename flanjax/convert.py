@@ -16,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 from flax import nnx
 
+from flanjax import paths
 from flanjax.rundir.files import (TOKENIZER_DIR, lineage, read_lora_config, read_model_config, resolve_checkpoint, restore,
                                   restore_weights, run_vocabulary, write_model_config, write_tokenizer)
 from flanjax.rundir.metrics import console
@@ -37,7 +38,7 @@ HF_CONFIG_FILE = "hf_config.json"  # the Hugging Face config a run descends from
 
 
 def _has_tokenizer(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    return any(paths.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
 def from_hf(
@@ -49,10 +50,12 @@ def from_hf(
     add_tokens: tuple[str, ...] = (),
     allow_pickle: bool = False,
 ) -> TransformerConfig:
-    """Writes the run directory of the Hugging Face checkpoint in `source`; returns its model."""
+    """Writes the run directory of the Hugging Face checkpoint in `source` (a remote one is read
+    through a local copy in the cache); returns its model."""
     if Checkpointer(run_dir, read_only=True).latest_step() is not None:
         raise hf.HFCheckpointError(f"{run_dir} already holds checkpoints; convert into a new directory.")
     partitioner = Partitioner.from_config(mesh)
+    named, source = source, paths.local_copy(source)  # transformers and safetensors read local files
     hf_config = hf.read_config(source)
     tokenizer = None
     if _has_tokenizer(source):  # checked before any weights are read
@@ -71,19 +74,18 @@ def from_hf(
     checkpointer.close()
     if jax.process_index() == 0:
         write_model_config(run_dir, model.config)
-        with open(os.path.join(run_dir, HF_CONFIG_FILE), "w") as f:
-            json.dump(hf_config, f, indent=2)
+        paths.write_atomic(os.path.join(run_dir, HF_CONFIG_FILE), json.dumps(hf_config, indent=2))
         if tokenizer is not None:
-            tokenizer.save_pretrained(os.path.join(run_dir, TOKENIZER_DIR))
-        with open(os.path.join(run_dir, "model.gin"), "w") as f:
-            f.write(model_gin(model.config, run_dir, f"{source} converted by `flanjax convert from-hf`", tokenizer is not None))
+            _save_local(tokenizer.save_pretrained, os.path.join(run_dir, TOKENIZER_DIR))
+        paths.write_atomic(os.path.join(run_dir, "model.gin"),
+                           model_gin(model.config, run_dir, f"{named} converted by `flanjax convert from-hf`", tokenizer is not None))  # fmt: skip
     return model.config
 
 
 def model_gin(config: TransformerConfig, run_dir: str, origin: str, tokenizer: bool) -> str:
     """A gin file binding `config` as MODEL, the run's weights as the initial checkpoint and its
     tokenizer as the templated tasks' tokenizer; `origin` says where the weights came from."""
-    run_dir = os.path.abspath(run_dir)
+    run_dir = paths.abspath(run_dir)
     # Every field that says what the checkpoint holds (all of them: they must win over an earlier
     # model file), not dropout, which is how to train it (a recipe such as lima.gin sets it).
     fields = [f"  {f.name} = {getattr(config, f.name)!r}" for f in dataclasses.fields(config) if "dropout" not in f.name]
@@ -108,7 +110,7 @@ def model_gin(config: TransformerConfig, run_dir: str, origin: str, tokenizer: b
 
 def _origin(run_dir: str) -> str | None:
     """The run directory holding the HF config this run descends from, if any."""
-    return next((d for d in lineage(run_dir) if os.path.exists(os.path.join(d, HF_CONFIG_FILE))), None)
+    return next((d for d in lineage(run_dir) if paths.exists(os.path.join(d, HF_CONFIG_FILE))), None)
 
 
 def to_hf(checkpoint: str, out_dir: str, *, mesh: MeshConfig = MeshConfig(data=1, fsdp=-1)) -> str:
@@ -123,13 +125,24 @@ def to_hf(checkpoint: str, out_dir: str, *, mesh: MeshConfig = MeshConfig(data=1
     origin = _origin(run_dir)
     base = None
     if origin is not None:
-        with open(os.path.join(origin, HF_CONFIG_FILE)) as f:
+        with paths.open(os.path.join(origin, HF_CONFIG_FILE)) as f:
             base = json.load(f)
-    hf.save_model(model, out_dir, base)
+    _save_local(lambda local: hf.save_model(model, local, base), out_dir)
     vocabulary = run_vocabulary(run_dir)
     if vocabulary is not None and jax.process_index() == 0:
-        shutil.copytree(vocabulary.path, out_dir, dirs_exist_ok=True)
+        paths.copytree(vocabulary.path, out_dir)
     return out_dir
+
+
+def _save_local(save, out_dir: str) -> None:
+    """`save(directory)` of a writer that knows only local files (transformers, safetensors):
+    into `out_dir` itself, or through a local temporary directory uploaded to a remote one."""
+    if not paths.is_remote(out_dir):
+        return save(out_dir)
+    with tempfile.TemporaryDirectory() as local:
+        save(local)
+        if jax.process_index() == 0:
+            paths.copytree(local, out_dir)
 
 
 def grow(
@@ -171,11 +184,10 @@ def grow(
         write_model_config(out_dir, new)
         vocabulary = run_vocabulary(run_dir)
         write_tokenizer(out_dir, vocabulary)
-        with open(os.path.join(out_dir, "model.gin"), "w") as f:
-            f.write(model_gin(new, out_dir, origin, vocabulary is not None))
+        paths.write_atomic(os.path.join(out_dir, "model.gin"), model_gin(new, out_dir, origin, vocabulary is not None))
     checkpointer = Checkpointer(out_dir, CheckpointConfig(async_save=False))
     checkpointer.save(0, {"model": grown})  # the trained state's `model`, alone, as from-hf writes it
     checkpointer.close()
     console.print(f"Grew {source} ({old.num_params() / 1e6:.2f}M parameters) into {out_dir} "
                   f"({new.num_params() / 1e6:.2f}M, depth={depth}, noise={noise:g})")  # fmt: skip
-    return os.path.join(os.path.abspath(out_dir), "checkpoints", "0")
+    return os.path.join(paths.abspath(out_dir), "checkpoints", "0")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 
 import gin
 import numpy as np
@@ -136,3 +137,24 @@ def test_conversion_errors(hf_dir, tmp_path, capsys):
     transformers.AutoTokenizer.from_pretrained(hf_dir).save_pretrained(small)
     with pytest.raises(hf.HFCheckpointError, match=r"tokens but the model's vocabulary has 64 rows"):
         convert.from_hf(small, str(tmp_path / "small_run"))
+
+
+def test_hugging_face_directories_on_a_remote_file_system(hf_dir, tmp_path):
+    """from-hf reads a remote HF directory (through the cache) and to-hf writes one: the same
+    weights and files as with local directories (ram://, tf.io.gfile's in-memory file system)."""
+    from flanjax import paths
+
+    remote = f"ram://{uuid.uuid4().hex}"
+    paths.copytree(hf_dir, f"{remote}/hf")
+    local_run, remote_run = str(tmp_path / "local"), str(tmp_path / "remote")
+    convert.from_hf(hf_dir, local_run)
+    convert.from_hf(f"{remote}/hf", remote_run)
+    a, b = params(restore(local_run, 0)), params(restore(remote_run, 0))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert f"# {remote}/hf converted by" in open(os.path.join(remote_run, "model.gin")).read()
+    assert sorted(os.listdir(os.path.join(remote_run, "tokenizer"))) == sorted(os.listdir(os.path.join(local_run, "tokenizer")))
+
+    convert.to_hf(local_run, str(tmp_path / "out"))
+    convert.to_hf(local_run, f"{remote}/out")
+    for name in os.listdir(tmp_path / "out"):
+        assert paths.read_bytes(f"{remote}/out/{name}") == (tmp_path / "out" / name).read_bytes(), name
