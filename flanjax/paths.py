@@ -13,9 +13,11 @@ from __future__ import annotations
 import builtins
 import errno
 import hashlib
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 
 from flanjax.errors import FlanjaxError
 
@@ -103,6 +105,17 @@ def write_atomic(path: str, data: str | bytes) -> None:
     with builtins.open(staging, mode) as f:
         f.write(data)
     os.replace(staging, path)
+
+
+def first_json(directories: Iterable[str], name: str) -> dict | None:
+    """The JSON file `name` of the first of `directories` that holds one (a run and its
+    ancestors record what later runs inherit: dialogue.json, directions.json)."""
+    for directory in directories:
+        path = os.path.join(directory, name)
+        if exists(path):
+            with open(path) as f:
+                return json.load(f)
+    return None
 
 
 def read_bytes(path: str) -> bytes:

@@ -189,9 +189,5 @@ def run_direction_ids(run_dirs: Iterable[str], vocabulary: seqio.Vocabulary) -> 
 
 def read_directions(run_dirs: Iterable[str]) -> Directions | None:
     """The direction tokens of the first of `run_dirs` (a run and its ancestors) that recorded them."""
-    for run_dir in run_dirs:
-        path = os.path.join(run_dir, DIRECTIONS_FILE)
-        if paths.exists(path):
-            with paths.open(path) as f:
-                return Directions(**json.load(f))
-    return None
+    record = paths.first_json(run_dirs, DIRECTIONS_FILE)
+    return None if record is None else Directions(**record)

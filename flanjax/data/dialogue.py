@@ -456,9 +456,5 @@ def write_format(run_dir: str, fmt: DialogueFormat) -> None:
 
 def read_format(run_dirs: Iterable[str]) -> DialogueFormat | None:
     """The dialogue format of the first of `run_dirs` (a run and its ancestors) that recorded one."""
-    for run_dir in run_dirs:
-        path = os.path.join(run_dir, FORMAT_FILE)
-        if paths.exists(path):
-            with paths.open(path) as f:
-                return DialogueFormat(**json.load(f))
-    return None
+    record = paths.first_json(run_dirs, FORMAT_FILE)
+    return None if record is None else DialogueFormat(**record)

@@ -142,13 +142,18 @@ def train(
         peak_flops=throughput.peak_flops(),
         **({} if ewc is None else {"console_keys": (*trainer.Trainer.console_keys, "ewc")}),
     ))  # fmt: skip
+    _report(result, evaluations, model_dir)
+    return result
+
+
+def _report(result: LoopResult, evaluations: Mapping[int, Mapping[str, TaskResult]], model_dir: str) -> None:
+    """The last evaluation's eval_results files, and the table of the first and last evaluations."""
     if evaluations:
         last = max(evaluations)
         checkpoint_dir = os.path.join(model_dir, "checkpoints", str(last))
         write_results(evaluations[last], model_dir, last, checkpoint=paths.abspath(checkpoint_dir))
     if jax.process_index() == 0:
         _print_eval_table(result)
-    return result
 
 
 def _in_epochs(epochs: int, name: str, lengths: Mapping[str, int], pack: bool, batch_size: int, loop: LoopConfig,
