@@ -16,8 +16,11 @@ from collections.abc import Iterable
 import gin
 from gin import config as gin_config
 
+from flanjax import paths
 from flanjax.errors import FlanjaxError
 
+# gin reads local files itself; gs:// and other remote ones (included files too) through tf.io.gfile.
+gin_config.register_file_reader(paths.open, lambda path: paths.is_remote(path) and paths.exists(path))
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Macros the command line reads itself (gin.query_parameter), not through a binding.
 CLI_MACROS = ("MODEL_DIR", "TRAINER")
@@ -44,10 +47,10 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
 
     gin.add_config_file_search_path(os.getcwd())
     gin.add_config_file_search_path(REPO_ROOT)
-    missing = [f for f in files if not os.path.exists(f) and not os.path.exists(os.path.join(REPO_ROOT, f))]
+    missing = [f for f in files if not paths.exists(f) and not os.path.exists(os.path.join(REPO_ROOT, f))]
     if missing:
         raise ConfigError(f"gin file {missing[0]!r} not found (looked in {os.getcwd()} and {REPO_ROOT}).")
-    resolved = [f if os.path.exists(f) else os.path.join(REPO_ROOT, f) for f in files]
+    resolved = [f if paths.exists(f) else os.path.join(REPO_ROOT, f) for f in files]
     global _FILES_CONFIG
     try:
         gin.parse_config_files_and_bindings(resolved, None, finalize_config=False)

@@ -246,3 +246,33 @@ def test_adapters_and_fishers_round_trip_on_a_remote_path(remote):
     read_tensors, info = ewc.read_fisher(f"{remote}/run")  # found from the run directory
     np.testing.assert_array_equal(read_tensors["layers.0.attn.q.kernel"], tensors["layers.0.attn.q.kernel"] * 2)
     assert info == {"run": f"{remote}/run", "step": 6}
+
+
+def test_a_remote_gin_file_and_its_remote_include_are_read(remote):
+    import gin
+
+    from flanjax.config import parse_gin
+
+    with tf.io.gfile.GFile(f"{remote}/base.gin", "w") as f:
+        f.write("STEPS = 3\nNAME = 'base'\n")
+    with tf.io.gfile.GFile(f"{remote}/run.gin", "w") as f:
+        f.write(f"include '{remote}/base.gin'\nNAME = 'run'\n")
+    gin.clear_config(clear_constants=True)
+    try:
+        parse_gin([f"{remote}/run.gin"], ["STEPS = 4"])
+        assert (gin.query_parameter("%NAME"), gin.query_parameter("%STEPS")) == ("run", 4)
+    finally:
+        gin.clear_config(clear_constants=True)
+
+
+def test_world_experiences_written_to_a_remote_directory_read_back_as_locally(remote, tmp_path):
+    from flanjax.worlds.experiences import ExperienceConfig, generate
+    from flanjax.worlds.mcts import SearchConfig
+    from tasks.e2wm.experiences import records
+
+    config = ExperienceConfig(homes=2, stories_per_home=1, search=SearchConfig(num_simulations=8))
+    generate(str(tmp_path), config)
+    generate(f"{remote}/world", config)
+    for name in ("plans", "counting"):
+        assert records(f"{remote}/world", name) == records(str(tmp_path), name)
+    assert len(records(str(tmp_path), "counting")) > 0

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from rich.progress import Progress
 
+from flanjax import paths
 from flanjax.sharding import Partitioner
 from flanjax.worlds import explore
 from flanjax.worlds.household import CLASSES, is_item, is_room
@@ -83,14 +84,6 @@ def plan_record(world: World, goal: Goal, sentences: list[str], split: str, seen
     }  # fmt: skip
 
 
-def _write_jsonl(path: str, records: list[dict]) -> None:
-    staging = path + ".partial"
-    with open(staging, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    os.replace(staging, path)  # a killed run leaves no half-written file under the real name
-
-
 @functools.partial(jax.jit, static_argnames=("num_agents", "num_steps"))
 def _explore_homes(homes, states, keys, num_agents: int, num_steps: int):
     return jax.vmap(functools.partial(explore.explore, num_agents=num_agents, num_steps=num_steps))(homes, states, keys)
@@ -134,7 +127,7 @@ def generate(out_dir: str, config: ExperienceConfig = ExperienceConfig(), partit
     splits = [split_of(config, i) for i in range(config.homes)]
     split_by_seed = dict(zip(seeds, splits))
     goals, impossible = goals_in_homes(world, seeds, chosen)
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
     start = time.perf_counter()
     plans = []
     with Progress(transient=True) as progress:
@@ -149,7 +142,8 @@ def generate(out_dir: str, config: ExperienceConfig = ExperienceConfig(), partit
                for g, p in zip(goals, plans) if bool(p.solved)]  # fmt: skip
     stories, skipped = _stories(world, config, seeds, splits)
     for name, rows in zip(FILES, (records, stories["counting"], stories["paths"], stories["locations"])):
-        _write_jsonl(os.path.join(out_dir, name), rows)
+        # whole or not at all: a killed run leaves no half-written file under the real name
+        paths.write_atomic(os.path.join(out_dir, name), "".join(json.dumps(r) + "\n" for r in rows))
     missing: dict[str, int] = {}
     for activity, _, _ in impossible:
         missing[activity] = missing.get(activity, 0) + 1
@@ -163,6 +157,5 @@ def generate(out_dir: str, config: ExperienceConfig = ExperienceConfig(), partit
         "simulations_per_s": round(len(goals) * config.search.num_simulations / max(planning_s, 1e-9), 1),
         "stories": {k: len(v) for k, v in stories.items()}, "stories_skipped": skipped,
     }  # fmt: skip
-    with open(os.path.join(out_dir, SUMMARY), "w") as f:
-        json.dump(summary, f, indent=2)
+    paths.write_atomic(os.path.join(out_dir, SUMMARY), json.dumps(summary, indent=2))
     return summary

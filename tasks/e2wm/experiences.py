@@ -37,6 +37,7 @@ import gin
 import seqio
 import tensorflow as tf
 
+from flanjax import paths
 from flanjax.data.rank_classification import AnswerScoring, rank_classification_targets
 from flanjax.data.vocab import DEFAULT_VOCABULARY
 from flanjax.data.weighted import LOSS_WEIGHT, with_loss_weight
@@ -76,10 +77,10 @@ def formats(demonstrations: int = 2, counting_demonstrations: int = 3, distracto
 @functools.cache
 def records(directory: str, name: str) -> tuple[dict, ...]:
     path = os.path.join(directory, f"{name}.jsonl")
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise ExperienceFileError(f"{path} does not exist; run `flanjax world generate --out {directory}`.")
     rows = []
-    with open(path) as f:
+    with paths.open(path) as f:
         for line_number, line in enumerate(f, 1):
             row = json.loads(line)
             if "options" in row and row["answer"] not in row["options"]:
