@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,21 +56,32 @@ class RewardModelError(FlanjaxError, ValueError):
 # --- the maths -------------------------------------------------------------------------------
 
 
-def pairwise_loss(rewards: jax.Array, ranks: jax.Array, valid: jax.Array, margin: jax.Array) -> dict[str, jax.Array]:
-    """K-wise comparison loss of a batch: rewards, ranks, valid [b, K]; margin [b].
+def pairwise_sums(scores: jax.Array, ranks: jax.Array, valid: jax.Array, pair_loss: Callable[[jax.Array], jax.Array]) -> dict[str, jax.Array]:
+    """Sums over the ranked pairs of a batch of comparisons: scores, ranks, valid [b, K];
+    `pair_loss(gap)` maps each pair's score gap [b, K, K] (better minus worse) to its loss.
 
-    Returns sums: `loss_sum` (each prompt's mean over its pairs, summed over prompts),
-    `weight_sum` (prompts with a pair), `pairs_right_sum` and `pair_sum` (pairs ranked right, all)."""
+    Returns `loss_sum` (each prompt's mean over its pairs, summed over prompts), `weight_sum`
+    (prompts with a pair), `pairs_right_sum` and `pair_sum` (pairs scored right, all), and
+    `better_score_sum` / `worse_score_sum` (the scores of each pair's better and worse response)."""
     better = (ranks[:, :, None] < ranks[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-    gap = rewards[:, :, None] - rewards[:, None, :]
-    losses = jnp.where(better, -jax.nn.log_sigmoid(gap - margin[:, None, None]), 0.0)
+    gap = scores[:, :, None] - scores[:, None, :]
+    losses = jnp.where(better, pair_loss(gap), 0.0)
     pairs = better.sum(axis=(1, 2))
+    per_pair = lambda x: jnp.sum(jnp.where(better, x, 0.0))  # noqa: E731
     return {
         "loss_sum": jnp.sum(losses.sum(axis=(1, 2)) / jnp.maximum(pairs, 1)),
         "weight_sum": jnp.sum(pairs > 0).astype(jnp.float32),
         "pairs_right_sum": jnp.sum(better & (gap > 0)).astype(jnp.float32),
         "pair_sum": jnp.sum(pairs).astype(jnp.float32),
+        "better_score_sum": per_pair(jnp.broadcast_to(scores[:, :, None], gap.shape)),
+        "worse_score_sum": per_pair(jnp.broadcast_to(scores[:, None, :], gap.shape)),
     }
+
+
+def pairwise_loss(rewards: jax.Array, ranks: jax.Array, valid: jax.Array, margin: jax.Array) -> dict[str, jax.Array]:
+    """The reward model's K-wise comparison loss of a batch: rewards, ranks, valid [b, K];
+    margin [b]. `pairwise_sums` of -log sigmoid(r_better - r_worse - margin)."""
+    return pairwise_sums(rewards, ranks, valid, lambda gap: -jax.nn.log_sigmoid(gap - margin[:, None, None]))
 
 
 def sequence_scores(model: ScoreModel, tokens: jax.Array, lengths: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -213,10 +224,12 @@ def train_reward(
     checkpoint: CheckpointConfig = CheckpointConfig(),
     normalisation: NormalisationConfig = NormalisationConfig(),
     validation_batches: int | None = None,
+    shuffle: bool = True,
     seed: int = 0,
 ) -> LoopResult:
     """Trains a reward model from an SFT run (`init_checkpoint`) on comparisons: a directory of
-    preference JSONL (`preferences`) or a registered seqio task with their features."""
+    preference JSONL (`preferences`) or a registered seqio task with their features (shuffled
+    by `seed` unless `shuffle` is False)."""
     if (preferences is None) == (mixture_or_task_name is None):
         raise RewardModelError("give the comparisons as exactly one of `preferences` (a directory) or `mixture_or_task_name`.")
     name = mixture_or_task_name or preference_task(preferences, allow_ties=allow_ties)
@@ -240,7 +253,7 @@ def train_reward(
     result = trainer.run(trainer.Trainer(
         description=f"Training a reward model from {sft_dir} step {sft_step} on {name}",
         model_dir=model_dir, model=config, origin=sft_dir, vocabulary=vocabulary, partitioner=partitioner, loop=loop,
-        checkpoint=checkpoint, batches=PreferenceBatches(name, None, per_process, seed=seed, **shape),
+        checkpoint=checkpoint, batches=PreferenceBatches(name, None, per_process, seed=seed, shuffle=shuffle, **shape),
         init=lambda lm=None: TrainState.create(score_model_from_lm(config, lm, seed), tx),
         pretrained=lambda: (restore_weights(sft_dir, sft_step, config, partitioner)[1],),
         compile_step=lambda graphdef, abstract, spec: trainer.jit_step(make_train_step(graphdef, reward_loss, seed=seed), abstract, spec),
