@@ -174,8 +174,10 @@ def _to_rows(ex: Mapping[str, tf.Tensor], prompt_len: int, response_len: int, ma
         "lengths": tf.pad(tf.cast(rows.row_lengths(), tf.int32), [[0, pad_k]]),
         "ranks": tf.pad(ex["ranks"][:max_responses], [[0, pad_k]], constant_values=np.iinfo(np.int32).max),
         "margin": ex["margin"],
+        "prompt_length": tf.shape(prompt)[0],
     }
-    shapes = {"tokens": [max_responses, width], "lengths": [max_responses], "ranks": [max_responses], "margin": []}
+    shapes = {"tokens": [max_responses, width], "lengths": [max_responses], "ranks": [max_responses], "margin": [],
+              "prompt_length": []}  # fmt: skip
     return {name: tf.ensure_shape(v, shapes[name]) for name, v in features.items()}  # static: trainers compile ahead
 
 
@@ -187,6 +189,7 @@ class PreferenceBatches(SeqioBatches):
         lengths          [b, K]         tokens in each row (0: no response in this slot)
         ranks            [b, K]         0 = best; int32 max in empty slots
         margin           [b]
+        prompt_length    [b]            tokens before the responses (the 0 and the prompt)
 
     Pass `task_feature_lengths=None`: P is `prompt_len`, R `response_len` (EOS included), K
     `max_responses`."""

@@ -286,6 +286,13 @@ def unmerge_lora(model: nnx.Module) -> list[str]:
     return [p for p, _ in modules]
 
 
+def without_adapters(model: nnx.Module) -> nnx.Module:
+    """A LoRA model with its adapters zeroed: exactly its frozen base weights, so a reference
+    policy (PPO's KL, DPO's log-ratios) needs no second copy of the model."""
+    graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
+    return nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, adapters), rest)
+
+
 def adapter_state(model: nnx.Module) -> nnx.State:
     """The LoRA parameters only."""
     return nnx.state(model, nnx.LoRAParam)

@@ -45,7 +45,7 @@ from flanjax.data.pipeline import SeqioBatches, check_vocabulary, decoder_prompt
 from flanjax.decode import SamplingConfig, check_length, generate
 from flanjax.errors import FlanjaxError
 from flanjax.models.heads import ScoreModel, ValueHead
-from flanjax.models.lora import LoraConfig
+from flanjax.models.lora import LoraConfig, without_adapters
 from flanjax.models.transformer import Transformer, TransformerConfig, new_model
 from flanjax.rlhf.advantages import gae, masked_mean, masked_var, whiten
 from flanjax.rlhf.kl import KLConfig, kl_penalty, update_beta
@@ -283,13 +283,6 @@ class Graphs:
     state: nnx.GraphDef  # a PPOState
     policy: nnx.GraphDef
     reference: nnx.GraphDef | None  # None: a LoRA policy's own base (`without_adapters`)
-
-
-def without_adapters(model: nnx.Module) -> nnx.Module:
-    """A LoRA model with its adapters zeroed: exactly its frozen base weights, so PPO's reference
-    policy needs no second copy of the model."""
-    graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
-    return nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, adapters), rest)
 
 
 def make_scoring(graphs: Graphs, config: PPOConfig, kl: KLConfig, stop_tokens: tuple[int, ...], reward_fn: RewardFn):

@@ -73,6 +73,10 @@ RATIOS = {
     "loss": ("loss_sum", "weight_sum"),
     "token_accuracy": ("correct_sum", "weight_sum"),
     "pair_accuracy": ("pairs_right_sum", "pair_sum"),  # comparisons: pairs ranked right
+    # DPO's implied rewards (beta x log-ratio) of each pair's better and worse response
+    "chosen_reward": ("chosen_reward_sum", "pair_sum"),
+    "rejected_reward": ("rejected_reward_sum", "pair_sum"),
+    "reward_margin": ("reward_margin_sum", "pair_sum"),
 }
 
 
