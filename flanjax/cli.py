@@ -84,6 +84,7 @@ TRAINERS = {  # the TRAINER macro of a run file picks one; the loop is the same
     "reward": ("flanjax.rlhf.reward", "train_reward"),
     "ppo": ("flanjax.rlhf.ppo", "train_ppo"),
     "dpo": ("flanjax.rlhf.dpo", "train_dpo"),
+    "grpo": ("flanjax.rlhf.grpo", "train_grpo"),
 }
 
 
@@ -571,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
-        help="train a model (SFT, reward model, PPO, DPO: the run file's TRAINER) from gin configs",
+        help="train a model (SFT, reward model, PPO, DPO, GRPO: the run file's TRAINER) from gin configs",
         description="Train a model from gin files; --gin.KEY=VALUE overrides any binding.",
     )
     _process_flags(train)

@@ -120,7 +120,7 @@ EVAL_CONFIG = os.path.join(config.REPO_ROOT, "configs", "runs", "eval.gin")
 
 # RLHF configs need an SFT run and preferences: test_rlhf trains them end to end. The chat and
 # world-model quickstarts' need the quickstart's run (their make targets make it).
-RLHF_CONFIGS = ("reward.gin", "ppo.gin", "dpo.gin", "ppo_lora.gin", "quickstart_rlhf_reward.gin", "quickstart_rlhf_ppo.gin", "quickstart_chat.gin",
+RLHF_CONFIGS = ("reward.gin", "ppo.gin", "dpo.gin", "grpo.gin", "ppo_lora.gin", "quickstart_rlhf_reward.gin", "quickstart_rlhf_ppo.gin", "quickstart_chat.gin",
                 "quickstart_e2wm.gin")  # fmt: skip
 
 

@@ -338,7 +338,7 @@ def make_update(graphs: Graphs, config: PPOConfig, kl: KLConfig, seed: int, lm_c
             (grads_p, grads_v), out = gradients(loss_fn, [policy, value], [policy_opt.wrt, value_opt.wrt], xs, key)
             policy_opt.update(policy, grads_p)
             value_opt.update(value, grads_v)
-            out["grad_norm"] = optax.global_norm(grads_p)
+            out["grad_norm"] = optax.tree.norm(grads_p)
             return nnx.state((policy, policy_opt, value, value_opt)), out
 
         def one_epoch(trained, epoch_key):

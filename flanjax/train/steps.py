@@ -100,7 +100,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, *, num_microbatches
         else:
             grads, metrics = _accumulated_gradients(loss_fn, model, optimizer.wrt, batch, key, num_microbatches)
         optimizer.update(model, grads)
-        return nnx.state(train_state), {**metrics, "grad_norm": optax.global_norm(grads)}
+        return nnx.state(train_state), {**metrics, "grad_norm": optax.tree.norm(grads)}
 
     return step
 
