@@ -18,17 +18,21 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart.gin
 
-# RLHF on top of the quickstart's SFT run: rubric feedback -> reward model -> PPO -> summary.
+# RLHF on top of the quickstart's SFT run: rubric feedback -> reward model -> PPO; DPO on the
+# same comparisons; GRPO on the rubric itself -> one comparison table and summary.
 RLHF_DIR := runs/quickstart_rlhf
 LABEL    := $(VENV)/bin/flanjax label --policy runs/quickstart --task quickstart \
             --labeler rubric:tasks.quickstart_rlhf:rubric --max_new_tokens 16 --prompt_len 32
+TIMED    := $(PY) -m tasks.quickstart_rlhf timed $(RLHF_DIR)
 quickstart-rlhf: $(STAMP)
 	$(MAKE) quickstart  # finishes a pre-empted quickstart run; a finished one says so and stops
 	test -f $(RLHF_DIR)/preferences/train.jsonl || $(LABEL) --num_prompts 2000 --out $(RLHF_DIR)/preferences/train.jsonl
 	test -f $(RLHF_DIR)/preferences/validation.jsonl || $(LABEL) --split validation --num_prompts 400 --seed 1 \
 		--out $(RLHF_DIR)/preferences/validation.jsonl
-	$(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart_rlhf_reward.gin
-	$(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart_rlhf_ppo.gin
+	$(TIMED) reward $(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart_rlhf_reward.gin
+	$(TIMED) ppo $(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart_rlhf_ppo.gin
+	$(TIMED) dpo $(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart_rlhf_dpo.gin
+	$(TIMED) grpo $(VENV)/bin/flanjax train --gin_file=configs/runs/quickstart_rlhf_grpo.gin
 	$(PY) -m tasks.quickstart_rlhf report
 
 # Multi-turn SFT with LIMA's recipe from the quickstart's model: every reply trained vs the last only.

@@ -118,9 +118,10 @@ RUN_CONFIGS = sorted(glob.glob(os.path.join(config.REPO_ROOT, "configs", "runs",
 EVAL_CONFIG = os.path.join(config.REPO_ROOT, "configs", "runs", "eval.gin")
 
 
-# RLHF configs need an SFT run and preferences: test_rlhf trains them end to end. The chat and
-# world-model quickstarts' need the quickstart's run (their make targets make it).
-RLHF_CONFIGS = ("reward.gin", "ppo.gin", "dpo.gin", "grpo.gin", "ppo_lora.gin", "quickstart_rlhf_reward.gin", "quickstart_rlhf_ppo.gin", "quickstart_chat.gin",
+# RLHF configs need an SFT run and preferences: test_rlhf, test_dpo and test_grpo train them end
+# to end. The chat and world-model quickstarts' need the quickstart's run (their make targets make it).
+RLHF_CONFIGS = ("reward.gin", "ppo.gin", "dpo.gin", "grpo.gin", "ppo_lora.gin", "quickstart_rlhf_reward.gin", "quickstart_rlhf_ppo.gin",
+                "quickstart_rlhf_dpo.gin", "quickstart_rlhf_grpo.gin", "quickstart_chat.gin",
                 "quickstart_e2wm.gin")  # fmt: skip
 
 

@@ -146,8 +146,8 @@ def _preferences(directory):
 
 @pytest.mark.slow
 def test_dpo_from_the_command_line_with_each_reference(tmp_path, capsys):
-    """A tiny SFT run -> DPO with the reference as a frozen model, precomputed (resumed) and a
-    LoRA policy's base: at step 1 the policy is its reference (loss log 2), the frozen and
+    """A tiny SFT run -> DPO (the quickstart's run file) with the reference as a frozen model,
+    precomputed (resumed) and a LoRA policy's base: at step 1 the policy is its reference (loss log 2), the frozen and
     precomputed references train alike, and training separates the chosen from the rejected."""
     import gin
 
@@ -161,15 +161,16 @@ def test_dpo_from_the_command_line_with_each_reference(tmp_path, capsys):
     sft = tmp_path / "sft"
     assert main(["train", "--gin_file=tests/tiny_run.gin", f"--gin.MODEL_DIR='{sft}'", "--gin.TRAIN_STEPS=10"]) == 0
     prefs = _preferences(tmp_path / "prefs")
-    dpo = ["train", "--gin_file=configs/runs/dpo.gin", f"--gin.INIT_CHECKPOINT='{sft}'", f"--gin.PREFERENCES='{prefs}'",
+    dpo = ["train", "--gin_file=configs/runs/quickstart_rlhf_dpo.gin", f"--gin.INIT_CHECKPOINT='{sft}'", f"--gin.PREFERENCES='{prefs}'",
            "--gin.BATCH_SIZE=8", "--gin.dpo.train_dpo.prompt_len=32", "--gin.dpo.train_dpo.response_len=8",
            "--gin.loop.LoopConfig.log_every=1", "--gin.optim.OptimizerConfig.learning_rate=1e-3",
-           "--gin.optim.OptimizerConfig.warmup_steps=0", "--gin.dpo.train_dpo.shuffle=False"]  # fmt: skip
+           "--gin.optim.OptimizerConfig.warmup_steps=0", "--gin.dpo.train_dpo.shuffle=False", "--gin.dpo.train_dpo.allow_ties=False",
+           "--gin.loop.LoopConfig.eval_every=None"]  # fmt: skip
 
     def rows(run):
         return [r for r in read_metrics(str(tmp_path / run / "metrics.jsonl")) if "loss" in r]
 
-    assert main([*dpo, f"--gin.MODEL_DIR='{tmp_path / 'model'}'", "--gin.TRAIN_STEPS=6"]) == 0
+    assert main([*dpo, f"--gin.MODEL_DIR='{tmp_path / 'model'}'", "--gin.TRAIN_STEPS=6", "--gin.dpo.DPOConfig.reference='model'"]) == 0
     precomputed = [*dpo, f"--gin.MODEL_DIR='{tmp_path / 'table'}'", "--gin.dpo.DPOConfig.reference='precomputed'"]
     assert main([*precomputed, "--gin.TRAIN_STEPS=4"]) == 0
     assert (tmp_path / "table" / "reference_logps.npz").exists()

@@ -126,10 +126,9 @@ def test_grpo_from_the_command_line_resumes_and_runs_without_a_reference(tmp_pat
 
     sft = tmp_path / "sft"
     assert main(["train", "--gin_file=tests/tiny_run.gin", f"--gin.MODEL_DIR='{sft}'", "--gin.TRAIN_STEPS=10"]) == 0
-    grpo = ["train", "--gin_file=configs/runs/grpo.gin", f"--gin.POLICY_CHECKPOINT='{sft}'",
-            "--gin.REWARD='rubric:tasks.quickstart_rlhf:rubric'", "--gin.MIXTURE_OR_TASK_NAME='quickstart'",
-            "--gin.BATCH_SIZE=8", "--gin.grpo.GRPOConfig.group_size=4", "--gin.grpo.GRPOConfig.num_minibatches=2",
-            "--gin.grpo.train_grpo.prompt_len=32", "--gin.decode.SamplingConfig.max_new_tokens=8",
+    # The quickstart's run file (a rubric reward, its prompts), smaller.
+    grpo = ["train", "--gin_file=configs/runs/quickstart_rlhf_grpo.gin", f"--gin.POLICY_CHECKPOINT='{sft}'",
+            "--gin.grpo.GRPOConfig.group_size=4", "--gin.grpo.GRPOConfig.num_iterations=1", "--gin.decode.SamplingConfig.max_new_tokens=8",
             "--gin.loop.LoopConfig.log_every=1", "--gin.checkpoint.CheckpointConfig.every_steps=2",
             "--gin.optim.OptimizerConfig.learning_rate=1e-3"]  # fmt: skip
     assert main([*grpo, f"--gin.MODEL_DIR='{tmp_path / 'run'}'", "--gin.TRAIN_STEPS=2"]) == 0

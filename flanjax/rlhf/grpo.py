@@ -83,6 +83,10 @@ class GRPOConfig:
             raise GRPOError("GRPOConfig.log_kl = True with beta = 0: beta 0 loads no reference policy, so there is no KL "
                             "to measure. Give beta > 0 (e.g. 0.001 for a nearly free policy), or log_kl = False.")  # fmt: skip
 
+    @property
+    def logs_kl(self) -> bool:
+        return self.beta > 0 and self.log_kl is not False
+
 
 # --- the maths -------------------------------------------------------------------------------
 
@@ -222,7 +226,7 @@ class GRPOStep:
         state, metrics = self.update(state, rollout, self.partitioner.shard_global_batch({"a": np.asarray(advantages)})["a"])
         jax.block_until_ready(state)
         t3 = time.perf_counter()
-        if self.config.beta == 0 or self.config.log_kl is False:
+        if not self.config.logs_kl:
             del metrics["kl"]
         return state, {
             **metrics, "loss_sum": metrics.pop("loss"), "weight_sum": jnp.ones(()),
@@ -288,5 +292,5 @@ def train_grpo(
         compile_step=compile_step, learning_rate=make_schedule(optimizer, loop.num_steps * grpo.num_iterations * grpo.num_minibatches),
         console_keys=("reward/mean", "kl", "clip_fraction", "entropy", "response_length"),
         plots=(trainer.Plot("reward.png", ("reward/mean",), False, ylabel=f"reward ({reward})"),
-               trainer.Plot("kl.png", ("kl",), False, ylabel="KL(policy || reference), k3 per token")),
+               *([trainer.Plot("kl.png", ("kl",), False, ylabel="KL(policy || reference), k3 per token")] if grpo.logs_kl else [])),
     ))  # fmt: skip
