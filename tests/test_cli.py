@@ -286,12 +286,11 @@ CKPT = ("--gin.checkpoint.CheckpointConfig.every_steps=20", "--gin.loop.LoopConf
 def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
     steps = 120
     straight = _spawn(tmp_path / "straight", steps, *CKPT)
-    assert straight.wait() == 0, straight.stdout.read()
-
-    killed = _spawn(tmp_path / "killed", steps, *CKPT)
+    killed = _spawn(tmp_path / "killed", steps, *CKPT)  # side by side
     _wait_for_step(tmp_path / "killed", 50, killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
+    assert straight.wait() == 0, straight.stdout.read()
     done = {r["step"] for r in read_metrics(tmp_path / "killed" / "metrics.jsonl") if "loss" in r}
     assert max(done) < steps, "the run finished before it could be killed; raise `steps`"
 

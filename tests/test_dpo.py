@@ -13,6 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
+from flanjax.data.vocab import HFVocabulary
 from flanjax.decode import score_ids
 from flanjax.models.lora import LoraConfig
 from flanjax.models.transformer import TransformerConfig, new_model
@@ -192,7 +193,8 @@ def test_dpo_from_the_command_line_with_each_reference(tmp_path, capsys):
     assert lora[0]["loss"] == pytest.approx(np.log(2), rel=1e-5) and lora[1]["loss"] != lora[0]["loss"]
     assert json.loads((tmp_path / "lora" / "lora.json").read_text())["rank"] > 0
 
-    # Bad input: comparisons without pairs (an SFT task), a reference of another shape.
+    # Bad input: comparisons without pairs (an SFT task, SFT records), a reference of another shape
+    # or tokenizer; refused before the run directory holds a model.
     def refused(args, message):
         capsys.readouterr()
         assert main([*dpo, *args, "--gin.TRAIN_STEPS=1"]) != 0
@@ -205,4 +207,14 @@ def test_dpo_from_the_command_line_with_each_reference(tmp_path, capsys):
     config = json.loads((other / "model.json").read_text())
     (other / "model.json").write_text(json.dumps({**config, "d_ff": config["d_ff"] * 2}))
     refused([f"--gin.MODEL_DIR='{tmp_path / 'y'}'", f"--gin.dpo.train_dpo.reference_checkpoint='{other}'"], "(they differ in d_ff)")
-    assert not os.path.exists(tmp_path / "x" / "checkpoints") and not os.path.exists(tmp_path / "y" / "model.json")
+    (other / "model.json").write_text(json.dumps(config))  # the same shape, another tokenizer
+    tokenizer = HFVocabulary(str(sft / "tokenizer")).tokenizer
+    tokenizer.add_tokens(["<|extra|>"])
+    tokenizer.save_pretrained(str(other / "tokenizer"))
+    refused([f"--gin.MODEL_DIR='{tmp_path / 'y'}'", f"--gin.dpo.train_dpo.reference_checkpoint='{other}'"],
+            f"but the model of {other} reads the one in")  # fmt: skip
+    unpaired = tmp_path / "unpaired"  # SFT data, not comparisons
+    unpaired.mkdir()
+    (unpaired / "train.jsonl").write_text('{"prompt": "Sort 3 1 2.", "response": "1 2 3"}\n')
+    refused([f"--gin.MODEL_DIR='{tmp_path / 'z'}'", f"--gin.PREFERENCES='{unpaired}'"], 'no "responses" (or "chosen"/"rejected") field')
+    assert not any(os.path.exists(tmp_path / run / "model.json") for run in ("x", "y", "z"))
