@@ -149,6 +149,12 @@ def test_grpo_from_the_command_line_resumes_and_runs_without_a_reference(tmp_pat
     assert "kl" not in last and np.isfinite(last["loss"])
     assert json.loads((tmp_path / "lora" / "lora.json").read_text())["rank"] > 0
 
+    # A model as the judge (the SFT run itself, asked which of two responses is better).
+    assert main([*grpo, f"--gin.MODEL_DIR='{tmp_path / 'judged'}'", f"--gin.REWARD='judge:{sft}'", "--gin.TRAIN_STEPS=1"]) == 0
+    judged = read_metrics(str(tmp_path / "judged" / "metrics.jsonl"))[-1]
+    # Mean win probabilities average 1/2 in every group (P(i beats j) + P(j beats i) = 1); they differ within it.
+    assert judged["reward/mean"] == pytest.approx(0.5, abs=1e-6) and judged["reward/std"] > 0 and np.isfinite(judged["loss"])
+
     capsys.readouterr()
     assert main([*grpo, f"--gin.MODEL_DIR='{tmp_path / 'x'}'", "--gin.REWARD='rubric:tasks.quickstart_rlhf:no_such'", "--gin.TRAIN_STEPS=1"]) != 0
     assert "no_such" in capsys.readouterr().err

@@ -19,6 +19,9 @@ reference. Reward sources (`reward`):
     "rubric:package.module:function"   fn(prompt, response, reference) -> float, as for
                                        `flanjax label` (reference: the task's target text)
     "model:RUN_DIR"                    a reward model run's normalised score
+    "judge:RUN_DIR"                    a model judging the group's responses pairwise (both
+                                       orders, `feedback.JudgeLabeler`): each one's mean win
+                                       probability against the others
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from flanjax.errors import FlanjaxError
 from flanjax.models.lora import LoraConfig, without_adapters
 from flanjax.models.transformer import new_model
 from flanjax.rlhf.advantages import masked_mean
-from flanjax.rlhf.feedback import load_rubric
+from flanjax.rlhf.feedback import JudgeLabeler, load_rubric
 from flanjax.rlhf.kl import kl_penalty
 from flanjax.rlhf.ppo import PromptBatches, concat_responses, response_logprobs
 from flanjax.rlhf.reward import load_reward_model
@@ -122,8 +125,9 @@ def grpo_losses(logp, old_logp, ref_logp, advantages, mask, config: GRPOConfig) 
 RewardSource = Callable[[Sequence[str], Sequence[str], Sequence[str]], np.ndarray]
 
 
-def reward_source(spec: str, partitioner: Partitioner, vocabulary) -> RewardSource:
-    """`rewards(prompts, responses, references)` of a "rubric:..." or "model:..." spec."""
+def reward_source(spec: str, partitioner: Partitioner, vocabulary, group_size: int) -> RewardSource:
+    """`rewards(prompts, responses, references)` (flat lists, each prompt's group consecutive) of a
+    "rubric:...", "model:..." or "judge:..." spec."""
     kind, _, name = spec.partition(":")
     if kind == "rubric":
         rubric = load_rubric(name)
@@ -131,7 +135,20 @@ def reward_source(spec: str, partitioner: Partitioner, vocabulary) -> RewardSour
     if kind == "model":
         model = load_reward_model(name, partitioner, vocabulary)
         return lambda prompts, responses, references: model.scores(vocabulary, prompts, responses).astype(np.float32)
-    raise GRPOError(f"reward {spec!r} is neither 'rubric:package.module:function' nor 'model:RUN_DIR' (a reward model run).")
+    if kind == "judge":
+        judge = JudgeLabeler.from_run(name, vocabulary, partitioner)
+
+        def judged(prompts, responses, references) -> np.ndarray:
+            rewards = []
+            for k in range(0, len(prompts), group_size):  # each response's mean win probability in its group
+                wins = judge.pairwise_probabilities(prompts[k], responses[k : k + group_size], references[k])
+                rewards.append((wins.sum(axis=1) - 0.5) / (group_size - 1))
+            judge.verdicts.clear()  # kept for `judge_report`; not needed here, and they would pile up
+            return np.concatenate(rewards).astype(np.float32)
+
+        return judged
+    raise GRPOError(f"reward {spec!r} is none of 'rubric:package.module:function', 'model:RUN_DIR' (a reward model run) "
+                    "and 'judge:RUN_DIR' (a model asked which of two responses is better).")  # fmt: skip
 
 
 @dataclasses.dataclass(eq=False)
@@ -271,7 +288,7 @@ def train_grpo(
     vocabulary = check_vocabulary(mixture_or_task_name, config.vocab_size)
     check_datasets(mixture_or_task_name)
     check_length(config, prompt_len, sampling.max_new_tokens)
-    rewards = reward_source(reward, partitioner, vocabulary)
+    rewards = reward_source(reward, partitioner, vocabulary, grpo.group_size)
     policy_def = nnx.split(nnx.eval_shape(lambda: new_model(config, lora)))[0]
     reference_def, reference = None, None
     if grpo.beta > 0 and lora is None:  # a LoRA policy's reference is its base: no copy
