@@ -44,7 +44,7 @@ from flanjax.decode import round_up, token_log_likelihoods
 from flanjax.errors import FlanjaxError
 from flanjax.models.lora import LoraConfig, without_adapters
 from flanjax.models.transformer import Transformer
-from flanjax.rlhf.reward import pairwise_sums, preference_task
+from flanjax.rlhf.reward import comparisons_task, pairwise_sums
 from flanjax.rundir.checkpoint import CheckpointConfig
 from flanjax.rundir.files import check_tokenizer, read_model_config, resolve_checkpoint, restore_weights
 from flanjax.rundir.metrics import console
@@ -258,17 +258,6 @@ def _check_reference(reference_checkpoint: str, policy_dir: str, vocabulary) -> 
     check_tokenizer(run_dir, vocabulary, "the preference data")
 
 
-def _comparisons_task(preferences: str | None, name: str | None, allow_ties: bool) -> str:
-    if (preferences is None) == (name is None):
-        raise DPOError("give the comparisons as exactly one of `preferences` (a directory) or `mixture_or_task_name`.")
-    name = name or preference_task(preferences, allow_ties=allow_ties)
-    features = next(iter(seqio.get_subtasks(get_task_or_mixture(name)))).output_features
-    if "responses" not in features:
-        raise DPOError(f"{name} has no `responses` feature, so no pairs to prefer one response over another: DPO trains on "
-                       "comparisons (a directory of preference JSONL, or a task registered with add_preference_task).")  # fmt: skip
-    return name
-
-
 def train_dpo(
     *,
     model_dir: str,
@@ -294,7 +283,7 @@ def train_dpo(
     """Trains the policy of `init_checkpoint` (an SFT run or step) by DPO on comparisons: a
     directory of preference JSONL (`preferences`, as for the reward model) or a registered task.
     `reference_checkpoint`: the reference policy (default: `init_checkpoint`)."""
-    name = _comparisons_task(preferences, mixture_or_task_name, allow_ties)
+    name = comparisons_task(preferences, mixture_or_task_name, allow_ties)
     check_datasets(name)
     partitioner = Partitioner.from_config(mesh)
     per_process = partitioner.per_process_batch_size(batch_size)

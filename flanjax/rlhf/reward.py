@@ -29,7 +29,7 @@ from flax import nnx
 
 from flanjax.data.availability import check_datasets
 from flanjax.data.pipeline import check_vocabulary, get_task_or_mixture, task_prompts
-from flanjax.data.preferences import PreferenceBatches, add_preference_task
+from flanjax.data.preferences import PreferenceBatches, PreferenceDataError, add_preference_task
 from flanjax.data.vocab import DEFAULT_VOCABULARY, HFVocabulary
 from flanjax.decode import SamplingConfig, decoder_prompt, generate_texts
 from flanjax.errors import FlanjaxError
@@ -207,6 +207,18 @@ def preference_task(preferences: str, allow_ties: bool = False) -> str:
     return name
 
 
+def comparisons_task(preferences: str | None, mixture_or_task_name: str | None, allow_ties: bool) -> str:
+    """The seqio task of a trainer's comparisons: the directory `preferences` registered, or
+    the registered `mixture_or_task_name`, which must have responses to compare."""
+    if (preferences is None) == (mixture_or_task_name is None):
+        raise PreferenceDataError("give the comparisons as exactly one of `preferences` (a directory) or `mixture_or_task_name`.")
+    name = mixture_or_task_name or preference_task(preferences, allow_ties=allow_ties)
+    if "responses" not in seqio.get_subtasks(get_task_or_mixture(name))[0].output_features:
+        raise PreferenceDataError(f"{name} has no `responses` feature, so no pairs to prefer one response over another: train "
+                                  "on comparisons (a directory of preference JSONL, or a task registered with add_preference_task).")  # fmt: skip
+    return name
+
+
 def train_reward(
     *,
     model_dir: str,
@@ -230,9 +242,7 @@ def train_reward(
     """Trains a reward model from an SFT run (`init_checkpoint`) on comparisons: a directory of
     preference JSONL (`preferences`) or a registered seqio task with their features (shuffled
     by `seed` unless `shuffle` is False)."""
-    if (preferences is None) == (mixture_or_task_name is None):
-        raise RewardModelError("give the comparisons as exactly one of `preferences` (a directory) or `mixture_or_task_name`.")
-    name = mixture_or_task_name or preference_task(preferences, allow_ties=allow_ties)
+    name = comparisons_task(preferences, mixture_or_task_name, allow_ties)
     task = get_task_or_mixture(name)
     check_datasets(name)  # before compiling: a missing dataset fails now, not at the first batch
     partitioner = Partitioner.from_config(mesh)
