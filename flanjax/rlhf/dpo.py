@@ -16,6 +16,7 @@ the reward model's (`data.preferences.PreferenceBatches`): K-wise rankings becom
 
 The reference pi_ref is the starting policy, in one of three places:
     a LoRA policy      its own base weights (adapters off), inside the step: no second copy
+                       (unless another `reference_checkpoint` is given)
     reference="model"  a frozen copy on the mesh, run on each batch before the step
     "precomputed"      every response's reference log-probability computed once before
                        training and stored in the run (reference_logps.npz); no reference in
@@ -174,15 +175,19 @@ class PrecomputedReference:
     """Reference log-probabilities looked up by row (prompt and response tokens) in a table
     that `load()` gives at the first use."""
 
-    def __init__(self, load: Callable[[], Mapping[bytes, float]]):
-        self.load, self.table = load, None
+    def __init__(self, load: Callable[[], Mapping[bytes, float]], path: str):
+        self.load, self.path, self.table = load, path, None
 
     def logps(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         self.table = self.table or self.load()
         out = np.zeros(batch["lengths"].shape, np.float32)
         for (i, k), n in np.ndenumerate(batch["lengths"]):
             if n > 0:
-                out[i, k] = self.table[_row_key(batch["tokens"][i, k], n, batch["prompt_length"][i])]
+                key = _row_key(batch["tokens"][i, k], n, batch["prompt_length"][i])
+                if key not in self.table:
+                    raise DPOError(f"a response of the batch is not in {self.path}: the comparisons (or prompt_len, "
+                                   "response_len) changed since it was computed. Delete it to compute it again.")  # fmt: skip
+                out[i, k] = self.table[key]
         return out
 
 
@@ -294,7 +299,8 @@ def train_dpo(
     if reference_checkpoint is not None:
         _check_reference(reference_checkpoint, origin[0], vocabulary)
     splits = [s for s in ("train", "validation") if s in seqio.get_subtasks(get_task_or_mixture(name))[0].splits]
-    reference = _reference(dpo, lora, reference_checkpoint or init_checkpoint, partitioner, model_dir, name, splits, shape)
+    base = lora is not None and reference_checkpoint is None  # a LoRA policy's own base weights
+    reference = _reference(dpo, base, reference_checkpoint or init_checkpoint, partitioner, model_dir, name, splits, shape)
     batches: BatchSource = PreferenceBatches(name, None, per_process, seed=seed, shuffle=shuffle, **shape)
     if reference is not None:
         batches = WithReference(batches, reference)
@@ -321,11 +327,11 @@ def train_dpo(
     ))  # fmt: skip
 
 
-def _reference(dpo: DPOConfig, lora: LoraConfig | None, checkpoint_path: str, partitioner: Partitioner, model_dir: str,
+def _reference(dpo: DPOConfig, base: bool, checkpoint_path: str, partitioner: Partitioner, model_dir: str,
                name: str, splits, shape) -> Callable | None:  # fmt: skip
-    """`logps(batch)` of the reference, or None for a LoRA policy's base inside the step."""
+    """`logps(batch)` of the reference, or None for the policy's own base inside the step."""
     if dpo.reference == "model":
-        return None if lora is not None else FrozenReference(checkpoint_path, partitioner).logps
+        return None if base else FrozenReference(checkpoint_path, partitioner).logps
     path = os.path.join(model_dir, REFERENCE_FILE)
 
     def load() -> dict[bytes, float]:
@@ -338,4 +344,4 @@ def _reference(dpo: DPOConfig, lora: LoraConfig | None, checkpoint_path: str, pa
             save_table(path, table)
         return table
 
-    return PrecomputedReference(load).logps
+    return PrecomputedReference(load, path).logps
