@@ -10,8 +10,9 @@ the `Evaluator`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
@@ -103,47 +104,56 @@ def train(
     tx = make_optimizer(optimizer, loop.num_steps)
     init = lm_init(model, tx, seed, lora) if ewc is None else ewc_init(model, tx, seed, lora)
     evaluations: dict[int, dict[str, TaskResult]] = {}
-
-    def make_hooks(graphdef, abstract):
-        hooks = {}
-        if validation is not None:
-            source = SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process, split=validation.split,
-                                  shuffle=False, pack=pack, num_epochs=1, converter=converter)  # fmt: skip
-            hooks["validation"] = trainer.validation_hook(partitioner, make_eval_step(graphdef, loss), abstract, source,
-                                                          validation.num_batches)  # fmt: skip
-        if evaluation is not None:
-            model_def = nnx.split(nnx.eval_shape(lambda: new_model(model, lora)))[0]
-            hooks["eval"] = evaluation_hook(Evaluator(evaluation, model=model, graphdef=model_def, partitioner=partitioner,
-                                                      task_feature_lengths=task_feature_lengths, default_task=mixture_or_task_name,
-                                                      stop_tokens=stops, directions=converter and converter.ids), evaluations)  # fmt: skip
-        return hooks
-
-    def pretrained():
-        base = None
-        if origin is not None:
-            console.print(f"Initialising from {origin[0]} step {origin[1]}")
-            base = restore_weights(*origin, model, partitioner)[1]
-        if ewc is not None:  # the Fisher, placed in its shardings, is state: see `train.ewc`
-            return base, place_fisher(fisher, partitioner.abstract_state(init)[1])
-        return () if base is None else (base,)
-
+    valid = validation and SeqioBatches(mixture_or_task_name, task_feature_lengths, per_process, split=validation.split,
+                                        shuffle=False, pack=pack, num_epochs=1, converter=converter)  # fmt: skip
+    evaluator = evaluation and (lambda: Evaluator(
+        evaluation, model=model, graphdef=nnx.split(nnx.eval_shape(lambda: new_model(model, lora)))[0], partitioner=partitioner,
+        task_feature_lengths=task_feature_lengths, default_task=mixture_or_task_name, stop_tokens=stops,
+        directions=converter and converter.ids))  # fmt: skip
     seq_len = sum(task_feature_lengths.values())
     result = trainer.run(trainer.Trainer(
         description=f"Training {_trained(model, lora, ewc)} on {mixture_or_task_name} for {loop.num_steps} steps",
         model_dir=model_dir, model=model, lora=lora, origin=origin and origin[0], vocabulary=vocabulary, partitioner=partitioner,
         loop=loop, checkpoint=checkpoint, batches=batches,
-        init=init, pretrained=pretrained,
+        init=init, pretrained=functools.partial(_pretrained, origin, model, partitioner, fisher, init),
         compile_step=lambda graphdef, abstract, spec: trainer.jit_step(
             make_train_step(graphdef, train_loss, num_microbatches=num_microbatches, seed=seed), abstract, spec),
-        make_hooks=make_hooks, learning_rate=make_schedule(optimizer, loop.num_steps),
-        dialogue=dialogue, directions=bidirectional, data_metrics=data_metrics,
-        tokens_per_step=batch_size * seq_len,
+        make_hooks=_hook_maker(partitioner, loss, valid, validation and validation.num_batches, evaluator, evaluations),
+        learning_rate=make_schedule(optimizer, loop.num_steps), dialogue=dialogue, directions=bidirectional, data_metrics=data_metrics,
+        tokens_per_step=batch_size * seq_len, peak_flops=throughput.peak_flops(),
         flops_per_step=batch_size * seq_len * throughput.train_flops_per_token(model, seq_len),
-        peak_flops=throughput.peak_flops(),
         **({} if ewc is None else {"console_keys": (*trainer.Trainer.console_keys, "ewc")}),
     ))  # fmt: skip
     _report(result, evaluations, model_dir)
     return result
+
+
+def _hook_maker(partitioner: Partitioner, loss, valid: SeqioBatches | None, num_batches: int | None,
+                evaluator: Callable[[], Evaluator] | None, evaluations: dict):  # fmt: skip
+    """The trainer's `make_hooks`: the validation loss over `valid`, and the evaluator's hook
+    (its results kept in `evaluations`); either left out when None. Built after compiling."""
+
+    def make_hooks(graphdef, abstract):
+        hooks = {}
+        if valid is not None:
+            hooks["validation"] = trainer.validation_hook(partitioner, make_eval_step(graphdef, loss), abstract, valid, num_batches)
+        if evaluator is not None:
+            hooks["eval"] = evaluation_hook(evaluator(), evaluations)
+        return hooks
+
+    return make_hooks
+
+
+def _pretrained(origin: tuple[str, int] | None, model: TransformerConfig, partitioner: Partitioner, fisher, init) -> tuple:
+    """The states a fresh run starts from: the init checkpoint's weights, and EWC's Fisher (placed
+    in its shardings: it is state, see `train.ewc`)."""
+    base = None
+    if origin is not None:
+        console.print(f"Initialising from {origin[0]} step {origin[1]}")
+        base = restore_weights(*origin, model, partitioner)[1]
+    if fisher is not None:
+        return base, place_fisher(fisher, partitioner.abstract_state(init)[1])
+    return () if base is None else (base,)
 
 
 def _report(result: LoopResult, evaluations: Mapping[int, Mapping[str, TaskResult]], model_dir: str) -> None:
